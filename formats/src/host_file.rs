@@ -1,0 +1,229 @@
+//! A host file with positional I/O and the Linux space-management calls the drivers need
+//! (fallocate, hole punching, SEEK_DATA/SEEK_HOLE). Every error names the file and the offset.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A host file opened by a driver.
+#[derive(Debug)]
+pub struct HostFile {
+    file: File,
+    path: PathBuf,
+}
+
+/// Result of asking the file system where data starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoleRun {
+    /// `len` bytes of data start at the offset.
+    Data(u64),
+    /// `len` bytes of hole start at the offset.
+    Hole(u64),
+}
+
+impl HostFile {
+    /// Opens an existing file, read-only or read-write.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| Error::io(path, "Could not open", e))?;
+        Ok(HostFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Creates (or truncates) a file for writing a new image.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "Could not create", e))?;
+        Ok(HostFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Current length of the file.
+    pub fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(&self.path, "cannot stat file", e))
+    }
+
+    /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zero.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        &self.path,
+                        format!("read error at offset {offset:#x}"),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, format!("write error at offset {offset:#x}"), e))
+    }
+
+    /// Sets the file length.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(&self.path, format!("cannot truncate to {len} bytes"), e))
+    }
+
+    /// fdatasync.
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "flush failed", e))
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (off, l) = (to_off(offset)?, to_off(len)?);
+        loop {
+            // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self.file`
+            // and stays open for the duration of the call.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    /// Allocates space for the range (posix_fallocate semantics; extends the file).
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.fallocate(0, offset, len).map_err(|e| {
+            Error::io(
+                &self.path,
+                format!("cannot preallocate {len} bytes at {offset:#x}"),
+                e,
+            )
+        })
+    }
+
+    /// Releases the range's blocks; it reads back as zero. Returns false when the file system cannot.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => Ok(false),
+            Err(e) => Err(Error::io(
+                &self.path,
+                format!("cannot punch hole at {offset:#x}"),
+                e,
+            )),
+        }
+    }
+
+    /// Zeroes the range without writing data, keeping it allocated. Returns false when the file
+    /// system cannot.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<bool> {
+        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => Ok(false),
+            Err(e) => Err(Error::io(
+                &self.path,
+                format!("cannot zero range at {offset:#x}"),
+                e,
+            )),
+        }
+    }
+
+    /// Writes zero bytes over the range, in bounded chunks.
+    pub fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Describes the run starting at `offset` (which must be below the file length), at most `len`
+    /// long, using SEEK_DATA/SEEK_HOLE. File systems without them report everything as data.
+    pub fn data_or_hole(&self, offset: u64, len: u64) -> Result<HoleRun> {
+        let fd = self.file.as_raw_fd();
+        let off = to_off(offset).map_err(|e| Error::io(&self.path, "bad offset", e))?;
+        // SAFETY: lseek only reads its integer arguments on a valid fd owned by `self.file`. The
+        // file position it moves is never used: all other I/O is positional.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data at or after offset: the rest is a hole.
+                Some(libc::ENXIO) => Ok(HoleRun::Hole(len)),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(HoleRun::Data(len)),
+                _ => Err(Error::io(&self.path, "SEEK_DATA failed", err)),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok(HoleRun::Hole((data - offset).min(len)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        if hole < 0 {
+            let err = io::Error::last_os_error();
+            return Err(Error::io(&self.path, "SEEK_HOLE failed", err));
+        }
+        let hole = hole as u64;
+        Ok(HoleRun::Data(hole.saturating_sub(offset).clamp(1, len)))
+    }
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}

@@ -1,0 +1,294 @@
+//! Opening and creating images of any format: probing by magic, format names, and the create
+//! options each format accepts (qemu-img's `-o` keys, with its help texts).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::block::BlockDev;
+use crate::error::{Error, Result};
+use crate::host_file::HostFile;
+use crate::qcow2::{self, Qcow2};
+use crate::raw::Raw;
+use crate::units::parse_size;
+
+/// An image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+    Luks,
+}
+
+impl Format {
+    /// Parses a format name as qemu-img spells it.
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "luks" => Ok(Format::Luks),
+            _ => Err(Error::argument(format!(
+                "Unknown file format '{name}' (supported: raw, qcow2, luks)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Luks => "luks",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Preallocation mode of a new image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Preallocation {
+    #[default]
+    Off,
+    /// qcow2 only: all metadata written, data clusters reserved but not written.
+    Metadata,
+    /// Space reserved with fallocate.
+    Falloc,
+    /// Every byte written.
+    Full,
+}
+
+impl Preallocation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "off" => Ok(Preallocation::Off),
+            "metadata" => Ok(Preallocation::Metadata),
+            "falloc" => Ok(Preallocation::Falloc),
+            "full" => Ok(Preallocation::Full),
+            _ => Err(Error::argument(format!(
+                "Parameter 'preallocation' does not accept value '{name}'"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// Magic of a LUKS header.
+const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
+
+/// Guesses the format of a file from its first bytes; raw when nothing matches.
+pub fn probe(path: &Path) -> Result<Format> {
+    let file = HostFile::open(path, true)?;
+    let mut magic = [0u8; 8];
+    file.read_at(&mut magic, 0)?;
+    Ok(if magic[..4] == qcow2::header::MAGIC.to_be_bytes() {
+        Format::Qcow2
+    } else if magic[..6] == LUKS_MAGIC[..] {
+        Format::Luks
+    } else {
+        Format::Raw
+    })
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// The format; probed when `None`.
+    pub format: Option<Format>,
+    pub read_only: bool,
+}
+
+/// Opens an image, probing its format unless one is given.
+pub fn open(path: &Path, opts: OpenOptions) -> Result<Arc<dyn BlockDev>> {
+    let format = match opts.format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    Ok(match format {
+        Format::Raw => Arc::new(Raw::open(path, opts.read_only)?),
+        Format::Qcow2 => Arc::new(Qcow2::open(path, opts.read_only)?),
+        Format::Luks => {
+            return Err(Error::unsupported(
+                path,
+                "LUKS images are not supported yet",
+            ))
+        }
+    })
+}
+
+/// Options for creating an image of some format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOptions {
+    Raw {
+        size: u64,
+        preallocation: Preallocation,
+    },
+    Qcow2(qcow2::CreateOptions),
+}
+
+/// One `-o` option a format accepts, for `-o help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionDesc {
+    pub name: &'static str,
+    /// `str`, `size`, `num` or `bool (on/off)`.
+    pub kind: &'static str,
+    pub help: &'static str,
+}
+
+const RAW_OPTIONS: &[OptionDesc] = &[
+    OptionDesc {
+        name: "preallocation",
+        kind: "str",
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+    OptionDesc {
+        name: "size",
+        kind: "size",
+        help: "Virtual disk size",
+    },
+];
+
+const QCOW2_OPTIONS: &[OptionDesc] = &[
+    OptionDesc {
+        name: "cluster_size",
+        kind: "size",
+        help: "qcow2 cluster size",
+    },
+    OptionDesc {
+        name: "compat",
+        kind: "str",
+        help: "Compatibility level (v2 [0.10] or v3 [1.1])",
+    },
+    OptionDesc {
+        name: "lazy_refcounts",
+        kind: "bool (on/off)",
+        help: "Postpone refcount updates",
+    },
+    OptionDesc {
+        name: "preallocation",
+        kind: "str",
+        help: "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    },
+    OptionDesc {
+        name: "refcount_bits",
+        kind: "num",
+        help: "Width of a reference count entry in bits",
+    },
+    OptionDesc {
+        name: "size",
+        kind: "size",
+        help: "Virtual disk size",
+    },
+];
+
+/// The `-o` options a format accepts when creating an image.
+pub fn create_options_help(format: Format) -> &'static [OptionDesc] {
+    match format {
+        Format::Raw => RAW_OPTIONS,
+        Format::Qcow2 => QCOW2_OPTIONS,
+        Format::Luks => &[],
+    }
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(Error::argument(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
+    }
+}
+
+impl CreateOptions {
+    /// Builds create options from `-o key=value` pairs. `size` is the SIZE argument, if given
+    /// (a `size=` option overrides it, as in qemu-img).
+    pub fn from_pairs(
+        format: Format,
+        size: Option<u64>,
+        pairs: &[(String, String)],
+    ) -> Result<CreateOptions> {
+        let known = create_options_help(format);
+        let mut size = size;
+        let mut qcow = qcow2::CreateOptions::default();
+        let mut prealloc = Preallocation::Off;
+        for (key, value) in pairs {
+            if !known.iter().any(|o| o.name == key) {
+                return Err(Error::argument(format!("Invalid parameter '{key}'")));
+            }
+            match key.as_str() {
+                "size" => size = Some(parse_size(value)?),
+                "preallocation" => prealloc = Preallocation::from_name(value)?,
+                "cluster_size" => qcow.cluster_size = parse_size(value)?,
+                "compat" => {
+                    qcow.version = match value.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => {
+                            return Err(Error::argument(format!(
+                                "Parameter 'compat' does not accept value '{value}'"
+                            )))
+                        }
+                    }
+                }
+                "lazy_refcounts" => qcow.lazy_refcounts = parse_bool(key, value)?,
+                "refcount_bits" => {
+                    qcow.refcount_bits = value.parse().map_err(|_| {
+                        Error::argument(format!("Parameter 'refcount_bits' expects a number"))
+                    })?
+                }
+                _ => unreachable!("every known option is handled"),
+            }
+        }
+        let size = size.ok_or_else(|| Error::argument("Image creation needs a size parameter"))?;
+        match format {
+            Format::Raw => {
+                if prealloc == Preallocation::Metadata {
+                    return Err(Error::argument(
+                        "Parameter 'preallocation' does not accept value 'metadata'",
+                    ));
+                }
+                Ok(CreateOptions::Raw {
+                    size,
+                    preallocation: prealloc,
+                })
+            }
+            Format::Qcow2 => {
+                qcow.size = size;
+                qcow.preallocation = prealloc;
+                qcow.validate()?;
+                Ok(CreateOptions::Qcow2(qcow))
+            }
+            Format::Luks => Err(Error::argument("creating LUKS images is not supported yet")),
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            CreateOptions::Raw { .. } => Format::Raw,
+            CreateOptions::Qcow2(_) => Format::Qcow2,
+        }
+    }
+}
+
+/// Creates an image (an existing file is replaced).
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    match opts {
+        CreateOptions::Raw {
+            size,
+            preallocation,
+        } => Raw::create(path, *size, *preallocation),
+        CreateOptions::Qcow2(o) => qcow2::create(path, o),
+    }
+}

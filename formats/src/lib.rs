@@ -1,0 +1,28 @@
+//! The block layer of vdisk.
+//!
+//! ```text
+//!            image::open(path, format?) ──probe──> Format
+//!                         │
+//!                         v
+//!   Arc<dyn BlockDev> = Raw | Qcow2      (block.rs: the trait)
+//!                         │
+//!                     HostFile          (host_file.rs: pread/pwrite, fallocate, SEEK_HOLE)
+//! ```
+//!
+//! Nothing here knows about NBD or KVM: the NBD server and the VMM both consume [`BlockDev`].
+
+pub mod block;
+pub mod error;
+pub mod host_file;
+pub mod image;
+pub mod info;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mem;
+pub mod qcow2;
+pub mod raw;
+pub mod units;
+
+pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{create, open, probe, CreateOptions, Format, OpenOptions, Preallocation};
+pub use info::{BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info};

@@ -1,0 +1,283 @@
+//! Creating qcow2 images.
+//!
+//! Layout, as QEMU lays out a fresh image: header cluster, refcount table, refcount blocks, L1
+//! table; with preallocation the L2 tables and data clusters follow.
+
+use std::path::Path;
+
+use super::entry::COPIED;
+use super::header::{self, default_feature_table, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use super::refcount::set_entry;
+use crate::error::{Error, Result};
+use crate::host_file::HostFile;
+use crate::Preallocation;
+
+/// Options of `create -f qcow2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub cluster_size: u64,
+    /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
+    pub version: u32,
+    pub refcount_bits: u32,
+    pub lazy_refcounts: bool,
+    pub preallocation: Preallocation,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Checks the options the way qemu-img does, with its messages.
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::argument(
+                "Cluster size must be a power of two between 512 and 2048k",
+            ));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(Error::argument(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if self.version < 3 && self.refcount_bits != 16 {
+            return Err(Error::argument(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.version < 3 && self.lazy_refcounts {
+            return Err(Error::argument(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.size % 512 != 0 {
+            return Err(Error::argument(
+                "Image size must be a multiple of 512 bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where each structure of the new image goes, in clusters.
+#[derive(Debug)]
+struct Layout {
+    reftable: u64,
+    reftable_clusters: u64,
+    refblocks: u64,
+    refblock_count: u64,
+    l1: u64,
+    l1_entries: u64,
+    l2: u64,
+    l2_count: u64,
+    data: u64,
+    data_clusters: u64,
+    total: u64,
+}
+
+fn layout(opts: &CreateOptions) -> Result<Layout> {
+    let cs = opts.cluster_size;
+    let l2_entries = cs / 8;
+    let l1_entries = opts.size.div_ceil(cs * l2_entries);
+    if l1_entries * 8 > MAX_L1_BYTES {
+        return Err(Error::argument(format!(
+            "Image size {} is too large for cluster size {cs} (the L1 table would exceed {MAX_L1_BYTES} bytes)",
+            opts.size
+        )));
+    }
+    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    let prealloc = opts.preallocation != Preallocation::Off;
+    let (l2_count, data_clusters) = if prealloc {
+        (l1_entries, opts.size.div_ceil(cs))
+    } else {
+        (0, 0)
+    };
+    let per_block = cs * 8 / u64::from(opts.refcount_bits);
+    let fixed = 1 + l1_clusters + l2_count + data_clusters;
+    let (mut rt, mut rb) = (1u64, 1u64);
+    loop {
+        let total = fixed + rt + rb;
+        let nrb = total.div_ceil(per_block);
+        let nrt = (nrb * 8).div_ceil(cs);
+        if (nrb, nrt) == (rb, rt) {
+            break;
+        }
+        (rb, rt) = (nrb.max(rb), nrt.max(rt));
+    }
+    if rt * cs > MAX_REFTABLE_BYTES {
+        return Err(Error::argument(format!(
+            "Image size {} is too large for cluster size {cs} and refcount_bits {}",
+            opts.size, opts.refcount_bits
+        )));
+    }
+    let reftable = 1;
+    let refblocks = reftable + rt;
+    let l1 = refblocks + rb;
+    let l2 = l1 + l1_clusters;
+    let data = l2 + l2_count;
+    Ok(Layout {
+        reftable,
+        reftable_clusters: rt,
+        refblocks,
+        refblock_count: rb,
+        l1,
+        l1_entries,
+        l2,
+        l2_count,
+        data,
+        data_clusters,
+        total: data + data_clusters,
+    })
+}
+
+/// Creates a qcow2 image at `path` (an existing file is replaced).
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    opts.validate()?;
+    let lay = layout(opts)?;
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    let file = HostFile::create(path)?;
+
+    let v3 = opts.version >= 3;
+    let header = Header {
+        version: opts.version,
+        cluster_bits,
+        size: opts.size,
+        crypt_method: 0,
+        l1_size: lay.l1_entries as u32,
+        l1_table_offset: lay.l1 * cs,
+        refcount_table_offset: lay.reftable * cs,
+        refcount_table_clusters: lay.reftable_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: if opts.lazy_refcounts {
+            header::compat::LAZY_REFCOUNTS
+        } else {
+            0
+        },
+        autoclear_features: 0,
+        refcount_order: opts.refcount_bits.trailing_zeros(),
+        header_length: if v3 {
+            header::V3_HEADER_LEN
+        } else {
+            header::V2_HEADER_LEN
+        },
+        compression_type: 0,
+        extra_fields: if v3 { vec![0; 7] } else { Vec::new() },
+        extensions: if v3 {
+            vec![default_feature_table()]
+        } else {
+            Vec::new()
+        },
+        backing_file: None,
+    };
+    let mut cluster0 = header.encode(path)?;
+    cluster0.resize(cs as usize, 0);
+    file.write_at(&cluster0, 0)?;
+
+    // Refcount table and blocks: clusters 0..total have refcount 1.
+    let table: Vec<u8> = (0..lay.refblock_count)
+        .flat_map(|i| ((lay.refblocks + i) * cs).to_be_bytes())
+        .collect();
+    file.write_at(&table, lay.reftable * cs)?;
+    let per_block = cs * 8 / u64::from(opts.refcount_bits);
+    let order = opts.refcount_bits.trailing_zeros();
+    for b in 0..lay.refblock_count {
+        let mut block = vec![0u8; cs as usize];
+        let first = b * per_block;
+        for c in first..lay.total.min(first + per_block) {
+            set_entry(&mut block, order, (c - first) as usize, 1);
+        }
+        file.write_at(&block, (lay.refblocks + b) * cs)?;
+    }
+
+    // L1 table, and with preallocation every L2 table and data cluster.
+    let l1: Vec<u8> = (0..lay.l1_entries)
+        .flat_map(|i| {
+            let e = if i < lay.l2_count {
+                ((lay.l2 + i) * cs) | COPIED
+            } else {
+                0
+            };
+            e.to_be_bytes()
+        })
+        .collect();
+    file.write_at(&l1, lay.l1 * cs)?;
+    let l2_entries = cs / 8;
+    for t in 0..lay.l2_count {
+        let first = t * l2_entries;
+        let table: Vec<u8> = (first..first + l2_entries)
+            .flat_map(|c| {
+                let e = if c < lay.data_clusters {
+                    ((lay.data + c) * cs) | COPIED
+                } else {
+                    0
+                };
+                e.to_be_bytes()
+            })
+            .collect();
+        file.write_at(&table, (lay.l2 + t) * cs)?;
+    }
+    let data_bytes = lay.data_clusters * cs;
+    match opts.preallocation {
+        Preallocation::Off => {
+            let l1_end = lay.l1 * cs + (lay.l1_entries * 8).next_multiple_of(512).max(512);
+            file.set_len(l1_end)?;
+        }
+        Preallocation::Metadata => file.set_len(lay.total * cs)?,
+        Preallocation::Falloc => {
+            file.allocate(lay.data * cs, data_bytes)?;
+            file.set_len(lay.total * cs)?;
+        }
+        Preallocation::Full => {
+            file.write_zero_bytes(lay.data * cs, data_bytes)?;
+            file.set_len(lay.total * cs)?;
+        }
+    }
+    file.sync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_layout_matches_qemu() {
+        let lay = layout(&CreateOptions {
+            size: 1 << 30,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (lay.reftable, lay.refblocks, lay.l1, lay.total),
+            (1, 2, 3, 4)
+        );
+        assert_eq!(lay.l1_entries, 2);
+    }
+
+    #[test]
+    fn small_clusters_get_enough_refcount_blocks() {
+        let opts = CreateOptions {
+            size: 8 << 30,
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        };
+        let lay = layout(&opts).unwrap();
+        let per_block = 512 * 8 / 64;
+        assert!(lay.refblock_count * per_block >= lay.total);
+        assert!(lay.reftable_clusters * 64 >= lay.refblock_count);
+    }
+}

@@ -1,0 +1,394 @@
+//! The qcow2 driver (qemu `docs/interop/qcow2.rst`).
+//!
+//! ```text
+//!   guest offset ──> L1 table (in memory) ──> L2 table (l2_cache.rs) ──> host cluster
+//!                                                       │
+//!   allocation: refcount.rs (refcount table ──> refcount blocks), write.rs
+//! ```
+//!
+//! Concurrency: lookups copy an entry out of the L2 cache and do the data I/O without holding a
+//! lock other than a shared `free_gate`. Everything that changes a mapping (allocating writes,
+//! zeroing, discard) holds the `meta` mutex; operations that release host clusters also take the
+//! `free_gate` exclusively, so no in-flight I/O can land in a cluster that is being reused. New
+//! data is written before the L2 entry that publishes it, and refcounts are raised before and
+//! lowered after the entries that use them.
+//!
+//! Not handled yet, refused with a clear error: compressed clusters, backing files, internal
+//! snapshots (read-only access only), extended L2 entries, external data files, encryption and
+//! images left dirty by lazy refcounts (read-only access only).
+
+mod create;
+pub mod entry;
+pub mod header;
+mod l2_cache;
+mod lru;
+mod mapping;
+pub mod refcount;
+mod write;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+pub use create::{create, CreateOptions};
+use header::{incompat, Header};
+use l2_cache::L2Cache;
+use mapping::Mapping;
+use refcount::Refcounts;
+
+use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
+use crate::error::{Error, Result};
+use crate::host_file::HostFile;
+use crate::info::{file_node, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info};
+
+/// Memory the L2 cache may use (QEMU's default maximum on Linux).
+const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// Fixed sizes derived from the header.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    cluster_bits: u32,
+    /// log2 of the entries of one L2 table.
+    l2_bits: u32,
+    size: u64,
+    version: u32,
+}
+
+impl Geometry {
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    fn in_cluster(&self, off: u64) -> u64 {
+        off & (self.cluster_size() - 1)
+    }
+    fn l1_index(&self, off: u64) -> usize {
+        (off >> (self.cluster_bits + self.l2_bits)) as usize
+    }
+    fn l2_index(&self, off: u64) -> usize {
+        ((off >> self.cluster_bits) & ((1 << self.l2_bits) - 1)) as usize
+    }
+    /// Guest bytes mapped by one L2 table.
+    fn l2_span(&self) -> u64 {
+        1 << (self.cluster_bits + self.l2_bits)
+    }
+}
+
+/// Metadata that changes with allocation; its mutex is the metadata write lock.
+#[derive(Debug)]
+struct Meta {
+    header: Header,
+    refcounts: Refcounts,
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    file: HostFile,
+    read_only: bool,
+    geo: Geometry,
+    l1_offset: u64,
+    l1: Vec<AtomicU64>,
+    l2_cache: L2Cache,
+    meta: Mutex<Meta>,
+    free_gate: RwLock<()>,
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let file = HostFile::open(path, read_only)?;
+        let file_len = file.len()?;
+        let mut first = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(file_len as usize)];
+        file.read_at(&mut first, 0)?;
+        let header = Header::parse(path, &first, file_len)?;
+        check_features(path, &header, read_only)?;
+        let cluster_bits = header.cluster_bits;
+        let geo = Geometry {
+            cluster_bits,
+            l2_bits: cluster_bits - 3,
+            size: header.size,
+            version: header.version,
+        };
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_at(&mut raw, header.l1_table_offset)?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| AtomicU64::new(u64::from_be_bytes(c.try_into().unwrap())))
+            .collect();
+        let refcounts = Refcounts::load(
+            &file,
+            cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+        )?;
+        let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
+        let img = Qcow2 {
+            file,
+            read_only,
+            geo,
+            l1_offset: header.l1_table_offset,
+            l1,
+            l2_cache: L2Cache::new(cache_tables),
+            meta: Mutex::new(Meta { header, refcounts }),
+            free_gate: RwLock::new(()),
+        };
+        if !read_only {
+            img.clear_autoclear_bits()?;
+        }
+        Ok(img)
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// A writer that does not maintain the autoclear features must clear them (qcow2.rst).
+    fn clear_autoclear_bits(&self) -> Result<()> {
+        let mut meta = self.meta.lock().unwrap();
+        if meta.header.autoclear_features != 0 {
+            meta.header.autoclear_features = 0;
+            self.write_header(&meta.header)?;
+        }
+        Ok(())
+    }
+
+    fn write_header(&self, header: &Header) -> Result<()> {
+        let bytes = header.encode(self.path())?;
+        self.file.write_at(&bytes, 0)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path().to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The header as it is now.
+    pub fn header(&self) -> Header {
+        self.meta.lock().unwrap().header.clone()
+    }
+
+    /// Every refcount of the image (cluster index to value); for consistency checks.
+    pub fn refcounts(&self) -> Result<std::collections::HashMap<u64, u64>> {
+        self.meta.lock().unwrap().refcounts.all(&self.file)
+    }
+}
+
+fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
+    let known = incompat::DIRTY | incompat::CORRUPT;
+    let unsupported = |what: String| Err(Error::unsupported(path, what));
+    if h.incompatible_features & incompat::EXTL2 != 0 {
+        return unsupported("qcow2 extended L2 entries (subclusters) are not supported yet".into());
+    }
+    if h.incompatible_features & incompat::DATA_FILE != 0 {
+        return unsupported("qcow2 external data files are not supported yet".into());
+    }
+    if h.incompatible_features & incompat::COMPRESSION != 0 {
+        if h.compression_type == 0 {
+            return Err(Error::invalid(
+                path,
+                "compression type bit is set but the compression type field is zero",
+            ));
+        }
+        return unsupported(format!(
+            "qcow2 compression type {} (zstd) is not supported yet",
+            h.compression_type
+        ));
+    }
+    if h.compression_type != 0 {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "compression type {} needs the compression type incompatible bit",
+                h.compression_type
+            ),
+        ));
+    }
+    if let Some(names) = h.describe_unknown_incompat(known) {
+        return unsupported(format!("Unsupported qcow2 feature(s): {names}"));
+    }
+    if h.crypt_method != 0 {
+        return unsupported(format!(
+            "qcow2 encryption (method {}) is not supported yet",
+            h.crypt_method
+        ));
+    }
+    if let Some(b) = &h.backing_file {
+        return unsupported(format!(
+            "backing files are not supported yet (image has backing file '{b}')"
+        ));
+    }
+    if read_only {
+        return Ok(());
+    }
+    if h.incompatible_features & incompat::CORRUPT != 0 {
+        return Err(Error::corrupt(
+            path,
+            72,
+            "image is marked corrupt; it can only be opened read-only (repair it with check -r all)",
+        ));
+    }
+    if h.incompatible_features & incompat::DIRTY != 0 {
+        return unsupported(
+            "image is dirty (lazy refcounts were not written back); open it read-only".into(),
+        );
+    }
+    if h.nb_snapshots > 0 {
+        return unsupported(
+            "writing to images with internal snapshots is not supported yet; open it read-only"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+impl BlockDev for Qcow2 {
+    fn capabilities(&self) -> Capabilities {
+        let cs = self.geo.cluster_size() as u32;
+        Capabilities {
+            size: self.geo.size,
+            min_block: 1,
+            preferred_block: cs,
+            read_only: self.read_only,
+            discard_granularity: cs,
+            zero_granularity: cs,
+            flush_persists: true,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.path(), offset, buf.len() as u64, self.geo.size)?;
+        let _gate = self.free_gate.read().unwrap();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let cur = offset + done as u64;
+            let m = self.lookup(cur, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + m.len as usize];
+            match m.entry {
+                entry::L2Entry::Data { host, .. } => {
+                    self.file.read_at(chunk, host + self.geo.in_cluster(cur))?
+                }
+                entry::L2Entry::Unallocated | entry::L2Entry::Zero { .. } => chunk.fill(0),
+                entry::L2Entry::Compressed(_) => {
+                    return Err(Error::unsupported(
+                        self.path(),
+                        format!("compressed cluster at guest offset {cur:#x}: compressed clusters are not supported yet"),
+                    ))
+                }
+            }
+            done += m.len as usize;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(self.path(), offset, buf.len() as u64, self.geo.size)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let cur = offset + done as u64;
+            let rest = &buf[done..];
+            {
+                let _gate = self.free_gate.read().unwrap();
+                let m = self.lookup(cur, rest.len() as u64)?;
+                if let entry::L2Entry::Data { host, copied: true } = m.entry {
+                    let n = m.len as usize;
+                    self.file
+                        .write_at(&rest[..n], host + self.geo.in_cluster(cur))?;
+                    done += n;
+                    continue;
+                }
+            }
+            done += self.write_allocating(cur, rest)? as usize;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        check_range(self.path(), offset, len, self.geo.size)?;
+        self.zero_range(offset, len, flags)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(self.path(), offset, len, self.geo.size)?;
+        self.discard_range(offset, len)
+    }
+
+    fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(self.path(), offset, len, self.geo.size)?;
+        let Mapping { entry, len: length } = self.lookup(offset, len)?;
+        let in_cluster = self.geo.in_cluster(offset);
+        let (kind, host_offset, compressed) = match entry {
+            entry::L2Entry::Unallocated => (ExtentKind::Unallocated, None, false),
+            entry::L2Entry::Zero { host, .. } => {
+                (ExtentKind::Zero, host.map(|h| h + in_cluster), false)
+            }
+            entry::L2Entry::Data { host, .. } => (ExtentKind::Data, Some(host + in_cluster), false),
+            entry::L2Entry::Compressed(_) => (ExtentKind::Data, None, true),
+        };
+        Ok(Extent {
+            offset,
+            length,
+            kind,
+            depth: 0,
+            host_offset,
+            compressed,
+        })
+    }
+
+    fn info(&self) -> Result<NodeInfo> {
+        let h = self.header();
+        let file = file_node(self.path(), self.file.file())?;
+        let v3 = h.version >= 3;
+        let specific = Qcow2Info {
+            compat: if v3 { "1.1" } else { "0.10" }.to_string(),
+            compression_type: Some(
+                if h.compression_type == 1 {
+                    "zstd"
+                } else {
+                    "zlib"
+                }
+                .into(),
+            ),
+            lazy_refcounts: v3
+                .then_some(h.compatible_features & header::compat::LAZY_REFCOUNTS != 0),
+            refcount_bits: h.refcount_bits(),
+            corrupt: v3.then_some(h.incompatible_features & incompat::CORRUPT != 0),
+            extended_l2: v3.then_some(h.extended_l2()),
+        };
+        Ok(NodeInfo {
+            filename: file.filename.clone(),
+            format: "qcow2".to_string(),
+            virtual_size: h.size,
+            actual_size: file.actual_size,
+            cluster_size: Some(h.cluster_size()),
+            dirty_flag: h.incompatible_features & incompat::DIRTY != 0,
+            encrypted: None,
+            backing: None,
+            format_specific: Some(FormatSpecific::Qcow2(specific)),
+            children: vec![ChildInfo {
+                name: "file".to_string(),
+                info: file,
+            }],
+        })
+    }
+}
+
+impl Qcow2 {
+    fn l1_entry(&self, index: usize) -> u64 {
+        self.l1[index].load(Ordering::Acquire)
+    }
+}

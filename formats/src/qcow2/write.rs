@@ -1,0 +1,264 @@
+//! Changes to the guest mapping: allocating writes, zeroing and discard.
+//!
+//! All of these run under the `meta` mutex. The order of on-disk updates is always: raise
+//! refcounts, write data, publish the L2 entry (and L1 entry for a new table), release old
+//! clusters. A process killed at any point leaves at worst leaked clusters.
+
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+
+use super::entry::{L2Entry, COPIED, OFFSET_MASK, ZERO};
+use super::{Meta, Qcow2};
+use crate::block::ZeroFlags;
+use crate::error::{Error, Result};
+
+/// Upper bound on the bytes one allocating step writes (bounds the COW buffer).
+const MAX_ALLOC_BYTES: u64 = 32 << 20;
+
+impl Qcow2 {
+    /// Allocates `n` clusters and settles a refcount table move if the allocation caused one.
+    fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+        let off = meta.refcounts.alloc(&self.file, n)?;
+        if let Some(mv) = meta.refcounts.take_table_move() {
+            meta.header.refcount_table_offset = mv.offset;
+            meta.header.refcount_table_clusters = mv.clusters;
+            self.file.sync()?;
+            self.write_header(&meta.header)?;
+            self.file.sync()?;
+            let freed =
+                meta.refcounts
+                    .free_range(&self.file, mv.old_offset, u64::from(mv.old_clusters))?;
+            self.release_space(&freed)?;
+        }
+        Ok(off)
+    }
+
+    /// Gives the space of freed clusters back to the host file system.
+    fn release_space(&self, clusters: &[u64]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        for &c in clusters {
+            self.file.punch_hole(c, cs)?;
+        }
+        Ok(())
+    }
+
+    /// The L2 table for L1 index `index`, allocating an empty one if there is none.
+    fn ensure_l2_table(&self, meta: &mut Meta, index: usize) -> Result<u64> {
+        let raw = self.l1_entry(index);
+        if let Some(off) = self.l2_offset(index)? {
+            if raw & COPIED == 0 {
+                return Err(Error::unsupported(
+                    self.path(),
+                    format!("L2 table at {off:#x} is shared (internal snapshots); cannot write to it yet"),
+                ));
+            }
+            return Ok(off);
+        }
+        let cs = self.geo.cluster_size();
+        let off = self.alloc_clusters(meta, 1)?;
+        self.file.write_at(&vec![0u8; cs as usize], off)?;
+        self.l2_cache.insert(off, vec![0u64; (cs / 8) as usize]);
+        let value = off | COPIED;
+        self.file
+            .write_at(&value.to_be_bytes(), self.l1_offset + index as u64 * 8)?;
+        self.l1[index].store(value, Ordering::Release);
+        Ok(off)
+    }
+
+    /// Writes the entries `start..` of the L2 table at `table_off`, on disk and in the cache.
+    fn set_l2_entries(&self, table_off: u64, start: usize, values: &[u64]) -> Result<()> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_be_bytes()).collect();
+        self.l2_cache.update(table_off, start, values, || {
+            self.file.write_at(&bytes, table_off + start as u64 * 8)
+        })
+    }
+
+    /// Writes the start of `data` at guest offset `offset` into newly allocated clusters (or
+    /// in place, if another writer allocated them meanwhile). Returns the bytes consumed.
+    pub(super) fn write_allocating(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        let mut meta = self.meta.lock().unwrap();
+        let m = self.lookup(offset, data.len() as u64)?;
+        if let L2Entry::Data { host, copied: true } = m.entry {
+            let _gate = self.free_gate.read().unwrap();
+            let n = m.len as usize;
+            self.file
+                .write_at(&data[..n], host + self.geo.in_cluster(offset))?;
+            return Ok(m.len);
+        }
+        if let L2Entry::Compressed(_) = m.entry {
+            return Err(Error::unsupported(
+                self.path(),
+                format!("compressed cluster at guest offset {offset:#x}: compressed clusters are not supported yet"),
+            ));
+        }
+        let cs = self.geo.cluster_size();
+        let first = offset - self.geo.in_cluster(offset);
+        let max_end = first + (MAX_ALLOC_BYTES / cs).max(1) * cs;
+        let end = (offset + m.len).min(max_end);
+        let last = end.next_multiple_of(cs);
+        let n = (last - first) / cs;
+
+        let l1_index = self.geo.l1_index(offset);
+        let table_off = self.ensure_l2_table(&mut meta, l1_index)?;
+        let table = self.l2_table(table_off)?;
+        let l2_start = self.geo.l2_index(offset);
+        let old: Vec<L2Entry> = (0..n as usize)
+            .map(|k| self.decode(&table, table_off, l2_start + k))
+            .collect::<Result<_>>()?;
+        let host = self.alloc_clusters(&mut meta, n)?;
+
+        // Copy-on-write of the parts of the first and last cluster the write does not cover.
+        let head = offset - first;
+        if head > 0 {
+            let buf = self.old_bytes(old[0], 0, head)?;
+            self.file.write_at(&buf, host)?;
+        }
+        let len = end - offset;
+        self.file.write_at(&data[..len as usize], host + head)?;
+        let tail = last - end;
+        if tail > 0 {
+            let buf = self.old_bytes(old[n as usize - 1], cs - tail, tail)?;
+            self.file.write_at(&buf, host + (end - first))?;
+        }
+
+        let entries: Vec<u64> = (0..n).map(|k| (host + k * cs) | COPIED).collect();
+        self.set_l2_entries(table_off, l2_start, &entries)?;
+        self.release_entries(&mut meta, &old)?;
+        Ok(len)
+    }
+
+    /// `len` bytes at `from` within the old cluster described by `entry`.
+    fn old_bytes(&self, entry: L2Entry, from: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        if let L2Entry::Data { host, .. } = entry {
+            self.file.read_at(&mut buf, host + from)?;
+        }
+        Ok(buf)
+    }
+
+    /// Drops the references the old entries held, after they were replaced on disk.
+    fn release_entries(&self, meta: &mut MutexGuard<'_, Meta>, old: &[L2Entry]) -> Result<()> {
+        let mut freed = Vec::new();
+        for e in old {
+            if let Some(h) = e.host_cluster() {
+                freed.extend(meta.refcounts.free_range(&self.file, h, 1)?);
+            }
+        }
+        self.release_space(&freed)
+    }
+
+    /// Whole clusters inside `offset..offset+len`; the partial cluster at the end of the image
+    /// counts as whole.
+    fn whole_clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        let cs = self.geo.cluster_size();
+        let start = offset.next_multiple_of(cs);
+        let end = if offset + len == self.geo.size {
+            (offset + len).next_multiple_of(cs)
+        } else {
+            (offset + len) / cs * cs
+        };
+        (start, end.max(start))
+    }
+
+    /// Rewrites the entries of whole clusters `start..end` with `new_entry(old)`; entries for
+    /// which it returns `None` are left alone. Old references are released afterwards.
+    fn remap_clusters(
+        &self,
+        start: u64,
+        end: u64,
+        mut new_entry: impl FnMut(L2Entry) -> Option<u64>,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut meta = self.meta.lock().unwrap();
+        let _gate = self.free_gate.write().unwrap();
+        let mut cur = start;
+        while cur < end {
+            let span_end = ((cur | (self.geo.l2_span() - 1)) + 1).min(end);
+            let Some(table_off) = self.l2_offset(self.geo.l1_index(cur))? else {
+                cur = span_end;
+                continue;
+            };
+            if self.l1_entry(self.geo.l1_index(cur)) & COPIED == 0 {
+                return Err(Error::unsupported(
+                    self.path(),
+                    "L2 table is shared (internal snapshots); cannot change it yet",
+                ));
+            }
+            let table = self.l2_table(table_off)?;
+            let first = self.geo.l2_index(cur);
+            let n = ((span_end - cur) / cs) as usize;
+            let mut values = Vec::with_capacity(n);
+            let mut released = Vec::new();
+            for i in first..first + n {
+                let old = self.decode(&table, table_off, i)?;
+                let raw = table.get(i);
+                match new_entry(old) {
+                    Some(v) if v != raw => {
+                        if old.host_cluster().is_some_and(|h| h != v & OFFSET_MASK) {
+                            released.push(old);
+                        }
+                        values.push(v);
+                    }
+                    _ => values.push(raw),
+                }
+            }
+            self.set_l2_entries(table_off, first, &values)?;
+            self.release_entries(&mut meta, &released)?;
+            cur = span_end;
+        }
+        Ok(())
+    }
+
+    /// Discard: whole clusters become unallocated (reading zero; there is no backing file), their
+    /// host clusters are released; partial clusters are left alone.
+    pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        let (start, end) = self.whole_clusters(offset, len);
+        self.remap_clusters(start, end, |old| match old {
+            L2Entry::Unallocated => None,
+            _ => Some(0),
+        })
+    }
+
+    /// Write-zeroes: partial clusters get zero bytes written, whole clusters become zero clusters
+    /// (version 3; without `may_unmap` they keep their host cluster) or unallocated (version 2,
+    /// where unallocated reads zero as there is no backing file).
+    pub(super) fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let (start, end) = self.whole_clusters(offset, len);
+        if start >= end {
+            return self.zero_bytes(offset, len, flags);
+        }
+        let req_end = offset + len;
+        self.zero_bytes(offset, start - offset, flags)?;
+        self.zero_bytes(end, req_end.saturating_sub(end), flags)?;
+        let v3 = self.geo.version >= 3;
+        self.remap_clusters(start, end, |old| match old {
+            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => None,
+            L2Entry::Data { host, copied: true }
+            | L2Entry::Zero {
+                host: Some(host),
+                copied: true,
+            } if v3 && !flags.may_unmap => Some(host | COPIED | ZERO),
+            _ if v3 => Some(ZERO),
+            _ => Some(0),
+        })
+    }
+
+    /// Writes zero bytes into part of a cluster, skipping it when it already reads as zero.
+    fn zero_bytes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let m = self.lookup(offset, len)?;
+        if matches!(m.entry, L2Entry::Unallocated | L2Entry::Zero { .. }) && m.len >= len {
+            return Ok(());
+        }
+        if flags.fast_only {
+            return Err(Error::unsupported(
+                self.path(),
+                "zeroing part of a cluster needs a data write",
+            ));
+        }
+        use crate::block::BlockDev;
+        self.write_at(&vec![0u8; len as usize], offset)
+    }
+}
