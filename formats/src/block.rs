@@ -78,7 +78,7 @@ pub struct Extent {
 /// A thread-safe virtual block device.
 ///
 /// The trait is object safe and used as `Arc<dyn BlockDev>`.
-pub trait BlockDev: Send + Sync {
+pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// Size and abilities of the device; cheap, no I/O.
     fn capabilities(&self) -> Capabilities;
 

@@ -65,6 +65,13 @@ pub enum Error {
     NoSpace { path: PathBuf, what: String },
     #[error("{what}")]
     InvalidArgument { what: String },
+    #[error("{path}: Could not open backing file '{backing}'")]
+    Backing {
+        path: PathBuf,
+        backing: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -79,6 +86,7 @@ impl Error {
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
             Error::NoSpace { .. } => ErrorKind::NoSpace,
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::Backing { source, .. } => source.kind(),
         }
     }
 
@@ -92,6 +100,7 @@ impl Error {
             Error::Unsupported { .. } => libc::ENOTSUP,
             Error::InvalidArgument { .. } => libc::EINVAL,
             Error::InvalidImage { .. } | Error::Corrupt { .. } => libc::EIO,
+            Error::Backing { source, .. } => source.errno(),
         }
     }
 

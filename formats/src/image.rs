@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::block::BlockDev;
+use crate::chain::ChainCtx;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 use crate::qcow2::{self, Qcow2};
@@ -107,17 +108,33 @@ pub struct OpenOptions {
     /// The format; probed when `None`.
     pub format: Option<Format>,
     pub read_only: bool,
+    /// Do not open backing files (unallocated ranges then read as zero), like QEMU's
+    /// `BDRV_O_NO_BACKING`; used to describe one layer of a chain.
+    pub no_backing: bool,
 }
 
-/// Opens an image, probing its format unless one is given.
+/// Opens an image, probing its format unless one is given, with its backing chain.
 pub fn open(path: &Path, opts: OpenOptions) -> Result<Arc<dyn BlockDev>> {
+    open_layer(path, opts, &mut ChainCtx::default())
+}
+
+/// Opens one image of a chain; `ctx` holds the images above it.
+pub(crate) fn open_layer(
+    path: &Path,
+    opts: OpenOptions,
+    ctx: &mut ChainCtx,
+) -> Result<Arc<dyn BlockDev>> {
+    ctx.enter(path)?;
     let format = match opts.format {
         Some(f) => f,
         None => probe(path)?,
     };
     Ok(match format {
         Format::Raw => Arc::new(Raw::open(path, opts.read_only)?),
-        Format::Qcow2 => Arc::new(Qcow2::open(path, opts.read_only)?),
+        Format::Qcow2 => {
+            let backing = if opts.no_backing { None } else { Some(ctx) };
+            Arc::new(Qcow2::open_with(path, opts.read_only, backing)?)
+        }
         Format::Luks => {
             return Err(Error::unsupported(
                 path,
@@ -160,6 +177,16 @@ const RAW_OPTIONS: &[OptionDesc] = &[
 ];
 
 const QCOW2_OPTIONS: &[OptionDesc] = &[
+    OptionDesc {
+        name: "backing_file",
+        kind: "str",
+        help: "File name of a base image",
+    },
+    OptionDesc {
+        name: "backing_fmt",
+        kind: "str",
+        help: "Image format of the base image",
+    },
     OptionDesc {
         name: "cluster_size",
         kind: "size",
@@ -243,6 +270,11 @@ impl CreateOptions {
                     }
                 }
                 "lazy_refcounts" => qcow.lazy_refcounts = parse_bool(key, value)?,
+                "backing_file" => qcow.backing_file = Some(value.clone()),
+                "backing_fmt" => {
+                    Format::from_name(value)?;
+                    qcow.backing_format = Some(value.clone())
+                }
                 "refcount_bits" => {
                     qcow.refcount_bits = value.parse().map_err(|_| {
                         Error::argument(format!("Parameter 'refcount_bits' expects a number"))
@@ -251,7 +283,8 @@ impl CreateOptions {
                 _ => unreachable!("every known option is handled"),
             }
         }
-        let size = size.ok_or_else(|| Error::argument("Image creation needs a size parameter"))?;
+        let need_size =
+            || size.ok_or_else(|| Error::argument("Image creation needs a size parameter"));
         match format {
             Format::Raw => {
                 if prealloc == Preallocation::Metadata {
@@ -260,11 +293,14 @@ impl CreateOptions {
                     ));
                 }
                 Ok(CreateOptions::Raw {
-                    size,
+                    size: need_size()?,
                     preallocation: prealloc,
                 })
             }
             Format::Qcow2 => {
+                if qcow.backing_file.is_none() {
+                    need_size()?;
+                }
                 qcow.size = size;
                 qcow.preallocation = prealloc;
                 qcow.validate()?;

@@ -12,6 +12,7 @@
 //! Nothing here knows about NBD or KVM: the NBD server and the VMM both consume [`BlockDev`].
 
 pub mod block;
+pub mod chain;
 pub mod error;
 pub mod host_file;
 pub mod image;

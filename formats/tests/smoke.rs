@@ -6,7 +6,7 @@ fn qcow2_write_read_and_qemu_check() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.qcow2");
     let opts = vdisk_formats::qcow2::CreateOptions {
-        size: 64 << 20,
+        size: Some(64 << 20),
         ..Default::default()
     };
     create(&path, &CreateOptions::Qcow2(opts)).unwrap();

@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use super::entry::COPIED;
-use super::header::{self, default_feature_table, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use super::header::{
+    self, default_feature_table, Extension, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+};
 use super::refcount::set_entry;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
@@ -15,24 +17,34 @@ use crate::Preallocation;
 /// Options of `create -f qcow2`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
-    pub size: u64,
+    /// Virtual size; `None` takes the size of the backing file.
+    pub size: Option<u64>,
     pub cluster_size: u64,
     /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
     pub version: u32,
     pub refcount_bits: u32,
     pub lazy_refcounts: bool,
     pub preallocation: Preallocation,
+    /// Backing file name, stored as given (relative names are relative to the new image).
+    pub backing_file: Option<String>,
+    /// Backing format, stored in the backing-format header extension.
+    pub backing_format: Option<String>,
+    /// Open the backing file to check it (and to take its size); `create -u` turns this off.
+    pub open_backing: bool,
 }
 
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
-            size: 0,
+            size: None,
             cluster_size: 65536,
             version: 3,
             refcount_bits: 16,
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
+            backing_file: None,
+            backing_format: None,
+            open_backing: true,
         }
     }
 }
@@ -61,7 +73,7 @@ impl CreateOptions {
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
             ));
         }
-        if self.size % 512 != 0 {
+        if self.size.is_some_and(|s| s % 512 != 0) {
             return Err(Error::argument(
                 "Image size must be a multiple of 512 bytes",
             ));
@@ -86,20 +98,19 @@ struct Layout {
     total: u64,
 }
 
-fn layout(opts: &CreateOptions) -> Result<Layout> {
+fn layout(opts: &CreateOptions, size: u64) -> Result<Layout> {
     let cs = opts.cluster_size;
     let l2_entries = cs / 8;
-    let l1_entries = opts.size.div_ceil(cs * l2_entries);
+    let l1_entries = size.div_ceil(cs * l2_entries);
     if l1_entries * 8 > MAX_L1_BYTES {
         return Err(Error::argument(format!(
-            "Image size {} is too large for cluster size {cs} (the L1 table would exceed {MAX_L1_BYTES} bytes)",
-            opts.size
+            "Image size {size} is too large for cluster size {cs} (the L1 table would exceed {MAX_L1_BYTES} bytes)"
         )));
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
     let prealloc = opts.preallocation != Preallocation::Off;
     let (l2_count, data_clusters) = if prealloc {
-        (l1_entries, opts.size.div_ceil(cs))
+        (l1_entries, size.div_ceil(cs))
     } else {
         (0, 0)
     };
@@ -117,8 +128,8 @@ fn layout(opts: &CreateOptions) -> Result<Layout> {
     }
     if rt * cs > MAX_REFTABLE_BYTES {
         return Err(Error::argument(format!(
-            "Image size {} is too large for cluster size {cs} and refcount_bits {}",
-            opts.size, opts.refcount_bits
+            "Image size {size} is too large for cluster size {cs} and refcount_bits {}",
+            opts.refcount_bits
         )));
     }
     let reftable = 1;
@@ -141,10 +152,47 @@ fn layout(opts: &CreateOptions) -> Result<Layout> {
     })
 }
 
+/// The virtual size: as given, or the backing file's. Checks that the backing file opens (unless
+/// told not to) and that its format is named, as qemu-img 10 requires.
+fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
+    let Some(name) = &opts.backing_file else {
+        return opts
+            .size
+            .ok_or_else(|| Error::argument("Image creation needs a size parameter"));
+    };
+    let bpath = crate::chain::resolve_backing(path, name)?;
+    let Some(format) = &opts.backing_format else {
+        let detected = crate::image::probe(&bpath)
+            .map(|f| format!("\nDetected format of {f}."))
+            .unwrap_or_default();
+        return Err(Error::argument(format!(
+            "{}: Backing file specified without backing format{detected}",
+            path.display()
+        )));
+    };
+    if !opts.open_backing {
+        return opts
+            .size
+            .ok_or_else(|| Error::argument("Image creation needs a size parameter"));
+    }
+    let open_opts = crate::image::OpenOptions {
+        format: Some(crate::image::Format::from_name(format)?),
+        read_only: true,
+        no_backing: false,
+    };
+    let backing = crate::image::open(&bpath, open_opts).map_err(|e| Error::Backing {
+        path: path.to_path_buf(),
+        backing: bpath.clone(),
+        source: Box::new(e),
+    })?;
+    Ok(opts.size.unwrap_or_else(|| backing.size()))
+}
+
 /// Creates a qcow2 image at `path` (an existing file is replaced).
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
-    let lay = layout(opts)?;
+    let size = resolve_size(path, opts)?;
+    let lay = layout(opts, size)?;
     let cs = opts.cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let file = HostFile::create(path)?;
@@ -153,7 +201,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let header = Header {
         version: opts.version,
         cluster_bits,
-        size: opts.size,
+        size,
         crypt_method: 0,
         l1_size: lay.l1_entries as u32,
         l1_table_offset: lay.l1 * cs,
@@ -176,12 +224,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         },
         compression_type: 0,
         extra_fields: if v3 { vec![0; 7] } else { Vec::new() },
-        extensions: if v3 {
-            vec![default_feature_table()]
-        } else {
-            Vec::new()
-        },
-        backing_file: None,
+        extensions: opts
+            .backing_format
+            .iter()
+            .map(|f| Extension {
+                kind: header::ext::BACKING_FORMAT,
+                data: f.as_bytes().to_vec(),
+            })
+            .chain(v3.then(default_feature_table))
+            .collect(),
+        backing_file: opts.backing_file.clone(),
     };
     let mut cluster0 = header.encode(path)?;
     cluster0.resize(cs as usize, 0);
@@ -255,11 +307,7 @@ mod tests {
 
     #[test]
     fn default_layout_matches_qemu() {
-        let lay = layout(&CreateOptions {
-            size: 1 << 30,
-            ..Default::default()
-        })
-        .unwrap();
+        let lay = layout(&CreateOptions::default(), 1 << 30).unwrap();
         assert_eq!(
             (lay.reftable, lay.refblocks, lay.l1, lay.total),
             (1, 2, 3, 4)
@@ -270,12 +318,11 @@ mod tests {
     #[test]
     fn small_clusters_get_enough_refcount_blocks() {
         let opts = CreateOptions {
-            size: 8 << 30,
             cluster_size: 512,
             refcount_bits: 64,
             ..Default::default()
         };
-        let lay = layout(&opts).unwrap();
+        let lay = layout(&opts, 8 << 30).unwrap();
         let per_block = 512 * 8 / 64;
         assert!(lay.refblock_count * per_block >= lay.total);
         assert!(lay.reftable_clusters * 64 >= lay.refblock_count);

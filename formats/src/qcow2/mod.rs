@@ -13,8 +13,8 @@
 //! data is written before the L2 entry that publishes it, and refcounts are raised before and
 //! lowered after the entries that use them.
 //!
-//! Not handled yet, refused with a clear error: compressed clusters, backing files, internal
-//! snapshots (read-only access only), extended L2 entries, external data files, encryption and
+//! Not handled yet, refused with a clear error: compressed clusters, internal snapshots
+//! (read-only access only), extended L2 entries, external data files, encryption and
 //! images left dirty by lazy refcounts (read-only access only).
 
 mod create;
@@ -28,7 +28,7 @@ mod write;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 pub use create::{create, CreateOptions};
 use header::{incompat, Header};
@@ -37,9 +37,11 @@ use mapping::Mapping;
 use refcount::Refcounts;
 
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
+use crate::chain::{self, ChainCtx};
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
-use crate::info::{file_node, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info};
+use crate::image::{open_layer, OpenOptions};
+use crate::info::{file_node, BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info};
 
 /// Memory the L2 cache may use (QEMU's default maximum on Linux).
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -91,11 +93,22 @@ pub struct Qcow2 {
     l2_cache: L2Cache,
     meta: Mutex<Meta>,
     free_gate: RwLock<()>,
+    /// The backing image (opened read-only), unless opened without backing.
+    backing: Option<Arc<dyn BlockDev>>,
+    backing_info: Option<BackingInfo>,
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 image.
+    /// Opens a qcow2 image with its backing chain.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let mut ctx = ChainCtx::default();
+        ctx.enter(path)?;
+        Self::open_with(path, read_only, Some(&mut ctx))
+    }
+
+    /// Opens a qcow2 image; `chain` carries the images above it (already including this one), or
+    /// is `None` to leave the backing file closed.
+    pub fn open_with(path: &Path, read_only: bool, chain: Option<&mut ChainCtx>) -> Result<Self> {
         let file = HostFile::open(path, read_only)?;
         let file_len = file.len()?;
         let mut first = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(file_len as usize)];
@@ -122,6 +135,29 @@ impl Qcow2 {
             header.refcount_table_offset,
             header.refcount_table_clusters,
         )?;
+        let backing_info = header.backing_file.as_ref().map(|name| BackingInfo {
+            filename: name.clone(),
+            full_filename: chain::full_name(path, name),
+            format: header.backing_format(),
+        });
+        let backing = match (&header.backing_file, chain) {
+            (Some(name), Some(ctx)) => {
+                let bpath = chain::resolve_backing(path, name)?;
+                let format =
+                    chain::backing_format(path, header.backing_format().as_deref(), &bpath)?;
+                let opts = OpenOptions {
+                    format: Some(format),
+                    read_only: true,
+                    no_backing: false,
+                };
+                Some(open_layer(&bpath, opts, ctx).map_err(|e| Error::Backing {
+                    path: path.to_path_buf(),
+                    backing: bpath.clone(),
+                    source: Box::new(e),
+                })?)
+            }
+            _ => None,
+        };
         let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
         let img = Qcow2 {
             file,
@@ -132,6 +168,8 @@ impl Qcow2 {
             l2_cache: L2Cache::new(cache_tables),
             meta: Mutex::new(Meta { header, refcounts }),
             free_gate: RwLock::new(()),
+            backing,
+            backing_info,
         };
         if !read_only {
             img.clear_autoclear_bits()?;
@@ -217,11 +255,6 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
             h.crypt_method
         ));
     }
-    if let Some(b) = &h.backing_file {
-        return unsupported(format!(
-            "backing files are not supported yet (image has backing file '{b}')"
-        ));
-    }
     if read_only {
         return Ok(());
     }
@@ -272,7 +305,8 @@ impl BlockDev for Qcow2 {
                 entry::L2Entry::Data { host, .. } => {
                     self.file.read_at(chunk, host + self.geo.in_cluster(cur))?
                 }
-                entry::L2Entry::Unallocated | entry::L2Entry::Zero { .. } => chunk.fill(0),
+                entry::L2Entry::Unallocated => self.read_backing(chunk, cur)?,
+                entry::L2Entry::Zero { .. } => chunk.fill(0),
                 entry::L2Entry::Compressed(_) => {
                     return Err(Error::unsupported(
                         self.path(),
@@ -330,6 +364,16 @@ impl BlockDev for Qcow2 {
     fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(self.path(), offset, len, self.geo.size)?;
         let Mapping { entry, len: length } = self.lookup(offset, len)?;
+        if entry == entry::L2Entry::Unallocated {
+            if let Some(b) = &self.backing {
+                let bsize = b.size();
+                if offset < bsize {
+                    let mut e = b.extent(offset, length.min(bsize - offset))?;
+                    e.depth += 1;
+                    return Ok(e);
+                }
+            }
+        }
         let in_cluster = self.geo.in_cluster(offset);
         let (kind, host_offset, compressed) = match entry {
             entry::L2Entry::Unallocated => (ExtentKind::Unallocated, None, false),
@@ -377,7 +421,7 @@ impl BlockDev for Qcow2 {
             cluster_size: Some(h.cluster_size()),
             dirty_flag: h.incompatible_features & incompat::DIRTY != 0,
             encrypted: None,
-            backing: None,
+            backing: self.backing_info.clone(),
             format_specific: Some(FormatSpecific::Qcow2(specific)),
             children: vec![ChildInfo {
                 name: "file".to_string(),
@@ -390,5 +434,23 @@ impl BlockDev for Qcow2 {
 impl Qcow2 {
     fn l1_entry(&self, index: usize) -> u64 {
         self.l1[index].load(Ordering::Acquire)
+    }
+
+    /// Reads guest bytes that this layer does not allocate: from the backing file, zero past its
+    /// end or without one.
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let avail = b.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        b.read_at(&mut buf[..avail], offset)?;
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    /// Whether unallocated clusters read as zero (no backing data can show through).
+    fn unallocated_reads_zero(&self, offset: u64) -> bool {
+        self.backing.as_ref().is_none_or(|b| offset >= b.size())
     }
 }

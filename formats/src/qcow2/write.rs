@@ -110,14 +110,14 @@ impl Qcow2 {
         // Copy-on-write of the parts of the first and last cluster the write does not cover.
         let head = offset - first;
         if head > 0 {
-            let buf = self.old_bytes(old[0], 0, head)?;
+            let buf = self.old_bytes(old[0], first, head)?;
             self.file.write_at(&buf, host)?;
         }
         let len = end - offset;
         self.file.write_at(&data[..len as usize], host + head)?;
         let tail = last - end;
         if tail > 0 {
-            let buf = self.old_bytes(old[n as usize - 1], cs - tail, tail)?;
+            let buf = self.old_bytes(old[n as usize - 1], end, tail)?;
             self.file.write_at(&buf, host + (end - first))?;
         }
 
@@ -127,11 +127,16 @@ impl Qcow2 {
         Ok(len)
     }
 
-    /// `len` bytes at `from` within the old cluster described by `entry`.
-    fn old_bytes(&self, entry: L2Entry, from: u64, len: u64) -> Result<Vec<u8>> {
+    /// The current contents of `len` bytes at guest offset `guest`, inside one cluster whose
+    /// entry is `entry`.
+    fn old_bytes(&self, entry: L2Entry, guest: u64, len: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
-        if let L2Entry::Data { host, .. } = entry {
-            self.file.read_at(&mut buf, host + from)?;
+        match entry {
+            L2Entry::Data { host, .. } => self
+                .file
+                .read_at(&mut buf, host + self.geo.in_cluster(guest))?,
+            L2Entry::Unallocated => self.read_backing(&mut buf, guest)?,
+            L2Entry::Zero { .. } | L2Entry::Compressed(_) => {}
         }
         Ok(buf)
     }
@@ -166,7 +171,7 @@ impl Qcow2 {
         &self,
         start: u64,
         end: u64,
-        mut new_entry: impl FnMut(L2Entry) -> Option<u64>,
+        mut new_entry: impl FnMut(u64, L2Entry) -> Option<u64>,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let mut meta = self.meta.lock().unwrap();
@@ -189,10 +194,10 @@ impl Qcow2 {
             let n = ((span_end - cur) / cs) as usize;
             let mut values = Vec::with_capacity(n);
             let mut released = Vec::new();
-            for i in first..first + n {
+            for (k, i) in (first..first + n).enumerate() {
                 let old = self.decode(&table, table_off, i)?;
                 let raw = table.get(i);
-                match new_entry(old) {
+                match new_entry(cur + k as u64 * cs, old) {
                     Some(v) if v != raw => {
                         if old.host_cluster().is_some_and(|h| h != v & OFFSET_MASK) {
                             released.push(old);
@@ -209,13 +214,21 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Discard: whole clusters become unallocated (reading zero; there is no backing file), their
-    /// host clusters are released; partial clusters are left alone.
+    /// Discard: whole clusters release their host clusters and become unallocated, or zero
+    /// clusters where a backing file would show through (version 3; version 2 cannot express that
+    /// and keeps those clusters). Partial clusters are left alone.
     pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
         let (start, end) = self.whole_clusters(offset, len);
-        self.remap_clusters(start, end, |old| match old {
-            L2Entry::Unallocated => None,
-            _ => Some(0),
+        let v3 = self.geo.version >= 3;
+        self.remap_clusters(start, end, |guest, old| {
+            let hidden = self.unallocated_reads_zero(guest);
+            match old {
+                L2Entry::Unallocated if hidden => None,
+                L2Entry::Zero { host: None, .. } if !hidden => None,
+                _ if hidden => Some(0),
+                _ if v3 => Some(ZERO),
+                _ => None,
+            }
         })
     }
 
@@ -224,15 +237,17 @@ impl Qcow2 {
     /// where unallocated reads zero as there is no backing file).
     pub(super) fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let (start, end) = self.whole_clusters(offset, len);
-        if start >= end {
+        let v3 = self.geo.version >= 3;
+        if start >= end || !v3 && self.backing.is_some() {
+            // Version 2 has no zero clusters: over a backing file zeroes must be written.
             return self.zero_bytes(offset, len, flags);
         }
         let req_end = offset + len;
         self.zero_bytes(offset, start - offset, flags)?;
         self.zero_bytes(end, req_end.saturating_sub(end), flags)?;
-        let v3 = self.geo.version >= 3;
-        self.remap_clusters(start, end, |old| match old {
-            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => None,
+        self.remap_clusters(start, end, |guest, old| match old {
+            L2Entry::Unallocated if self.unallocated_reads_zero(guest) => None,
+            L2Entry::Zero { host: None, .. } => None,
             L2Entry::Data { host, copied: true }
             | L2Entry::Zero {
                 host: Some(host),
@@ -249,7 +264,12 @@ impl Qcow2 {
             return Ok(());
         }
         let m = self.lookup(offset, len)?;
-        if matches!(m.entry, L2Entry::Unallocated | L2Entry::Zero { .. }) && m.len >= len {
+        let reads_zero = match m.entry {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => self.unallocated_reads_zero(offset),
+            _ => false,
+        };
+        if reads_zero && m.len >= len {
             return Ok(());
         }
         if flags.fast_only {
@@ -259,6 +279,14 @@ impl Qcow2 {
             ));
         }
         use crate::block::BlockDev;
-        self.write_at(&vec![0u8; len as usize], offset)
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
     }
 }

@@ -140,7 +140,7 @@ impl BlockDev for Raw {
             length,
             kind,
             depth: 0,
-            host_offset: (kind == ExtentKind::Data).then_some(offset),
+            host_offset: Some(offset),
             compressed: false,
         })
     }
