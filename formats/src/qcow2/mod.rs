@@ -444,7 +444,9 @@ impl Qcow2 {
             return Ok(());
         };
         let avail = b.size().saturating_sub(offset).min(buf.len() as u64) as usize;
-        b.read_at(&mut buf[..avail], offset)?;
+        if avail > 0 {
+            b.read_at(&mut buf[..avail], offset)?;
+        }
         buf[avail..].fill(0);
         Ok(())
     }
