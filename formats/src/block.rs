@@ -113,6 +113,28 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// when finding the end would need extra metadata I/O.
     fn extent(&self, offset: u64, len: u64) -> Result<Extent>;
 
+    /// The cluster size when the format can store compressed clusters (`convert -c`).
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Compresses one whole cluster for [`BlockDev::write_compressed`]. CPU work only: safe to
+    /// run on many threads at once. `None` when the data does not shrink (write it plainly).
+    fn compress_cluster(&self, _data: &[u8]) -> Result<Option<Vec<u8>>> {
+        Err(crate::Error::argument(
+            "this image format cannot store compressed clusters",
+        ))
+    }
+
+    /// Stores data made by [`BlockDev::compress_cluster`] as the cluster at `offset` (cluster
+    /// aligned; the cluster must not be allocated in this layer). Compressed data is packed in the
+    /// order of these calls.
+    fn write_compressed(&self, _offset: u64, _compressed: &[u8]) -> Result<()> {
+        Err(crate::Error::argument(
+            "this image format cannot store compressed clusters",
+        ))
+    }
+
     /// Static description of the image for `info`: format, sizes, format-specific data and the
     /// protocol layer below it.
     fn info(&self) -> Result<NodeInfo>;

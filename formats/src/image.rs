@@ -9,6 +9,7 @@ use crate::block::BlockDev;
 use crate::chain::ChainCtx;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
+use crate::qcow2::compressed::CompressionType;
 use crate::qcow2::{self, Qcow2};
 use crate::raw::Raw;
 use crate::units::parse_size;
@@ -198,6 +199,11 @@ const QCOW2_OPTIONS: &[OptionDesc] = &[
         help: "Compatibility level (v2 [0.10] or v3 [1.1])",
     },
     OptionDesc {
+        name: "compression_type",
+        kind: "str",
+        help: "Compression method used for image cluster compression",
+    },
+    OptionDesc {
         name: "lazy_refcounts",
         kind: "bool (on/off)",
         help: "Postpone refcount updates",
@@ -271,6 +277,17 @@ impl CreateOptions {
                 }
                 "lazy_refcounts" => qcow.lazy_refcounts = parse_bool(key, value)?,
                 "backing_file" => qcow.backing_file = Some(value.clone()),
+                "compression_type" => {
+                    qcow.compression_type = match value.as_str() {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        _ => {
+                            return Err(Error::argument(format!(
+                                "Parameter 'compression-type' does not accept value '{value}'"
+                            )))
+                        }
+                    }
+                }
                 "backing_fmt" => {
                     Format::from_name(value)?;
                     qcow.backing_format = Some(value.clone())

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::compressed::CompressionType;
 use super::entry::COPIED;
 use super::header::{
     self, default_feature_table, Extension, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
@@ -31,6 +32,8 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Open the backing file to check it (and to take its size); `create -u` turns this off.
     pub open_backing: bool,
+    /// How compressed clusters are compressed.
+    pub compression_type: CompressionType,
 }
 
 impl Default for CreateOptions {
@@ -45,6 +48,7 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             open_backing: true,
+            compression_type: CompressionType::Zlib,
         }
     }
 }
@@ -71,6 +75,11 @@ impl CreateOptions {
         if self.version < 3 && self.lazy_refcounts {
             return Err(Error::argument(
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.version < 3 && self.compression_type != CompressionType::Zlib {
+            return Err(Error::argument(
+                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
             ));
         }
         if self.size.is_some_and(|s| s % 512 != 0) {
@@ -209,7 +218,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         refcount_table_clusters: lay.reftable_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: if opts.compression_type != CompressionType::Zlib {
+            header::incompat::COMPRESSION
+        } else {
+            0
+        },
         compatible_features: if opts.lazy_refcounts {
             header::compat::LAZY_REFCOUNTS
         } else {
@@ -222,7 +235,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         } else {
             header::V2_HEADER_LEN
         },
-        compression_type: 0,
+        compression_type: opts.compression_type.header_value(),
         extra_fields: if v3 { vec![0; 7] } else { Vec::new() },
         extensions: opts
             .backing_format

@@ -13,10 +13,11 @@
 //! data is written before the L2 entry that publishes it, and refcounts are raised before and
 //! lowered after the entries that use them.
 //!
-//! Not handled yet, refused with a clear error: compressed clusters, internal snapshots
+//! Not handled yet, refused with a clear error: internal snapshots
 //! (read-only access only), extended L2 entries, external data files, encryption and
 //! images left dirty by lazy refcounts (read-only access only).
 
+pub mod compressed;
 mod create;
 pub mod entry;
 pub mod header;
@@ -30,6 +31,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use compressed::CompressionType;
 pub use create::{create, CreateOptions};
 use header::{incompat, Header};
 use l2_cache::L2Cache;
@@ -80,6 +82,8 @@ impl Geometry {
 struct Meta {
     header: Header,
     refcounts: Refcounts,
+    /// Where the next compressed cluster may be packed (just after the previous one).
+    next_compressed_byte: Option<u64>,
 }
 
 /// An open qcow2 image.
@@ -96,6 +100,9 @@ pub struct Qcow2 {
     /// The backing image (opened read-only), unless opened without backing.
     backing: Option<Arc<dyn BlockDev>>,
     backing_info: Option<BackingInfo>,
+    compression: CompressionType,
+    /// The last decompressed cluster, keyed by its L2 entry.
+    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl Qcow2 {
@@ -166,10 +173,17 @@ impl Qcow2 {
             l1_offset: header.l1_table_offset,
             l1,
             l2_cache: L2Cache::new(cache_tables),
-            meta: Mutex::new(Meta { header, refcounts }),
+            compression: CompressionType::from_header(header.compression_type)
+                .unwrap_or(CompressionType::Zlib),
+            meta: Mutex::new(Meta {
+                header,
+                refcounts,
+                next_compressed_byte: None,
+            }),
             free_gate: RwLock::new(()),
             backing,
             backing_info,
+            last_compressed: Mutex::new(None),
         };
         if !read_only {
             img.clear_autoclear_bits()?;
@@ -217,7 +231,7 @@ impl Qcow2 {
 }
 
 fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
-    let known = incompat::DIRTY | incompat::CORRUPT;
+    let known = incompat::DIRTY | incompat::CORRUPT | incompat::COMPRESSION;
     let unsupported = |what: String| Err(Error::unsupported(path, what));
     if h.incompatible_features & incompat::EXTL2 != 0 {
         return unsupported("qcow2 extended L2 entries (subclusters) are not supported yet".into());
@@ -225,19 +239,14 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
     if h.incompatible_features & incompat::DATA_FILE != 0 {
         return unsupported("qcow2 external data files are not supported yet".into());
     }
-    if h.incompatible_features & incompat::COMPRESSION != 0 {
-        if h.compression_type == 0 {
-            return Err(Error::invalid(
-                path,
-                "compression type bit is set but the compression type field is zero",
-            ));
-        }
-        return unsupported(format!(
-            "qcow2 compression type {} (zstd) is not supported yet",
-            h.compression_type
+    let has_bit = h.incompatible_features & incompat::COMPRESSION != 0;
+    if has_bit && h.compression_type == 0 {
+        return Err(Error::invalid(
+            path,
+            "compression type bit is set but the compression type field is zero (zlib)",
         ));
     }
-    if h.compression_type != 0 {
+    if !has_bit && h.compression_type != 0 {
         return Err(Error::invalid(
             path,
             format!(
@@ -245,6 +254,9 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
                 h.compression_type
             ),
         ));
+    }
+    if CompressionType::from_header(h.compression_type).is_none() {
+        return unsupported(format!("Unknown compression type {}", h.compression_type));
     }
     if let Some(names) = h.describe_unknown_incompat(known) {
         return unsupported(format!("Unsupported qcow2 feature(s): {names}"));
@@ -307,11 +319,10 @@ impl BlockDev for Qcow2 {
                 }
                 entry::L2Entry::Unallocated => self.read_backing(chunk, cur)?,
                 entry::L2Entry::Zero { .. } => chunk.fill(0),
-                entry::L2Entry::Compressed(_) => {
-                    return Err(Error::unsupported(
-                        self.path(),
-                        format!("compressed cluster at guest offset {cur:#x}: compressed clusters are not supported yet"),
-                    ))
+                entry::L2Entry::Compressed(raw) => {
+                    let at = self.geo.in_cluster(cur) as usize;
+                    let data = self.read_compressed(raw, cur)?;
+                    chunk.copy_from_slice(&data[at..at + chunk.len()]);
                 }
             }
             done += m.len as usize;
@@ -391,6 +402,32 @@ impl BlockDev for Qcow2 {
             host_offset,
             compressed,
         })
+    }
+
+    fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        if data.len() as u64 != self.geo.cluster_size() {
+            return Err(Error::argument(format!(
+                "compressed writes take whole clusters of {} bytes",
+                self.geo.cluster_size()
+            )));
+        }
+        Ok(compressed::compress(self.compression, data))
+    }
+
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        if offset % cs != 0 || compressed.len() as u64 >= cs {
+            return Err(Error::argument(format!(
+                "compressed cluster at {offset:#x} must be cluster aligned and smaller than a cluster"
+            )));
+        }
+        check_range(self.path(), offset, 1, self.geo.size)?;
+        self.store_compressed(offset, compressed)
+    }
+
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
     }
 
     fn info(&self) -> Result<NodeInfo> {

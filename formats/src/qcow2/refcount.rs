@@ -291,6 +291,26 @@ impl Refcounts {
         Ok(start * cs)
     }
 
+    /// Allocates the `n` clusters from cluster index `start` if they are all free; returns
+    /// whether it did.
+    pub fn alloc_at(&mut self, file: &HostFile, start: u64, n: u64) -> Result<bool> {
+        for c in start..start + n {
+            if self.get(file, c)? != 0 {
+                return Ok(false);
+            }
+        }
+        self.reserved_until = start + n;
+        let result = self.set_range(file, start, n, 1);
+        self.reserved_until = 0;
+        result?;
+        if (start..start + n).contains(&self.free_hint) {
+            self.free_hint = start + n;
+        }
+        let cs = self.cluster_size();
+        self.file_len = self.file_len.max((start + n) * cs);
+        Ok(true)
+    }
+
     /// Lowers the refcount of each of `n` clusters from byte offset `offset` by one; returns the
     /// clusters (byte offsets) that became free.
     pub fn free_range(&mut self, file: &HostFile, offset: u64, n: u64) -> Result<Vec<u64>> {

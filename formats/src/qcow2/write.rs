@@ -5,8 +5,8 @@
 //! clusters. A process killed at any point leaves at worst leaked clusters.
 
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
 
+use super::compressed::Descriptor;
 use super::entry::{L2Entry, COPIED, OFFSET_MASK, ZERO};
 use super::{Meta, Qcow2};
 use crate::block::ZeroFlags;
@@ -17,7 +17,7 @@ const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 impl Qcow2 {
     /// Allocates `n` clusters and settles a refcount table move if the allocation caused one.
-    fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+    pub(super) fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let off = meta.refcounts.alloc(&self.file, n)?;
         if let Some(mv) = meta.refcounts.take_table_move() {
             meta.header.refcount_table_offset = mv.offset;
@@ -25,25 +25,31 @@ impl Qcow2 {
             self.file.sync()?;
             self.write_header(&meta.header)?;
             self.file.sync()?;
-            let freed =
-                meta.refcounts
-                    .free_range(&self.file, mv.old_offset, u64::from(mv.old_clusters))?;
-            self.release_space(&freed)?;
+            self.free_clusters(meta, mv.old_offset, u64::from(mv.old_clusters))?;
         }
         Ok(off)
     }
 
-    /// Gives the space of freed clusters back to the host file system.
-    fn release_space(&self, clusters: &[u64]) -> Result<()> {
+    /// Drops one reference to each of `n` clusters from byte offset `offset`; clusters that
+    /// become free are given back to the host file system. Every release goes through here.
+    pub(super) fn free_clusters(&self, meta: &mut Meta, offset: u64, n: u64) -> Result<()> {
+        let freed = meta.refcounts.free_range(&self.file, offset, n)?;
+        if freed.is_empty() {
+            return Ok(());
+        }
+        // A freed cluster may be the one compressed data was being packed into, or hold the
+        // cached decompressed cluster.
+        meta.next_compressed_byte = None;
+        *self.last_compressed.lock().unwrap() = None;
         let cs = self.geo.cluster_size();
-        for &c in clusters {
+        for c in freed {
             self.file.punch_hole(c, cs)?;
         }
         Ok(())
     }
 
     /// The L2 table for L1 index `index`, allocating an empty one if there is none.
-    fn ensure_l2_table(&self, meta: &mut Meta, index: usize) -> Result<u64> {
+    pub(super) fn ensure_l2_table(&self, meta: &mut Meta, index: usize) -> Result<u64> {
         let raw = self.l1_entry(index);
         if let Some(off) = self.l2_offset(index)? {
             if raw & COPIED == 0 {
@@ -66,7 +72,12 @@ impl Qcow2 {
     }
 
     /// Writes the entries `start..` of the L2 table at `table_off`, on disk and in the cache.
-    fn set_l2_entries(&self, table_off: u64, start: usize, values: &[u64]) -> Result<()> {
+    pub(super) fn set_l2_entries(
+        &self,
+        table_off: u64,
+        start: usize,
+        values: &[u64],
+    ) -> Result<()> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_be_bytes()).collect();
         self.l2_cache.update(table_off, start, values, || {
             self.file.write_at(&bytes, table_off + start as u64 * 8)
@@ -84,12 +95,6 @@ impl Qcow2 {
             self.file
                 .write_at(&data[..n], host + self.geo.in_cluster(offset))?;
             return Ok(m.len);
-        }
-        if let L2Entry::Compressed(_) = m.entry {
-            return Err(Error::unsupported(
-                self.path(),
-                format!("compressed cluster at guest offset {offset:#x}: compressed clusters are not supported yet"),
-            ));
         }
         let cs = self.geo.cluster_size();
         let first = offset - self.geo.in_cluster(offset);
@@ -136,20 +141,32 @@ impl Qcow2 {
                 .file
                 .read_at(&mut buf, host + self.geo.in_cluster(guest))?,
             L2Entry::Unallocated => self.read_backing(&mut buf, guest)?,
-            L2Entry::Zero { .. } | L2Entry::Compressed(_) => {}
+            L2Entry::Compressed(raw) => {
+                let at = self.geo.in_cluster(guest) as usize;
+                buf.copy_from_slice(&self.read_compressed(raw, guest)?[at..at + len as usize]);
+            }
+            L2Entry::Zero { .. } => {}
         }
         Ok(buf)
     }
 
     /// Drops the references the old entries held, after they were replaced on disk.
-    fn release_entries(&self, meta: &mut MutexGuard<'_, Meta>, old: &[L2Entry]) -> Result<()> {
-        let mut freed = Vec::new();
+    pub(super) fn release_entries(&self, meta: &mut Meta, old: &[L2Entry]) -> Result<()> {
         for e in old {
-            if let Some(h) = e.host_cluster() {
-                freed.extend(meta.refcounts.free_range(&self.file, h, 1)?);
+            match *e {
+                L2Entry::Compressed(raw) => {
+                    let d = Descriptor::decode(raw, self.geo.cluster_bits);
+                    let (first, n) = d.clusters(self.geo.cluster_bits);
+                    self.free_clusters(meta, first, n)?;
+                }
+                _ => {
+                    if let Some(h) = e.host_cluster() {
+                        self.free_clusters(meta, h, 1)?;
+                    }
+                }
             }
         }
-        self.release_space(&freed)
+        Ok(())
     }
 
     /// Whole clusters inside `offset..offset+len`; the partial cluster at the end of the image
@@ -199,7 +216,8 @@ impl Qcow2 {
                 let raw = table.get(i);
                 match new_entry(cur + k as u64 * cs, old) {
                     Some(v) if v != raw => {
-                        if old.host_cluster().is_some_and(|h| h != v & OFFSET_MASK) {
+                        let kept = old.host_cluster().is_some_and(|h| h == v & OFFSET_MASK);
+                        if !kept {
                             released.push(old);
                         }
                         values.push(v);
