@@ -13,9 +13,8 @@
 //! data is written before the L2 entry that publishes it, and refcounts are raised before and
 //! lowered after the entries that use them.
 //!
-//! Not handled yet, refused with a clear error: internal snapshots
-//! (read-only access only), extended L2 entries, external data files, encryption and
-//! images left dirty by lazy refcounts (read-only access only).
+//! Not handled yet, refused with a clear error: extended L2 entries, external data files,
+//! encryption, and writing to images left dirty by lazy refcounts (read-only access works).
 
 pub mod compressed;
 mod create;
@@ -280,12 +279,6 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
     if h.incompatible_features & incompat::DIRTY != 0 {
         return unsupported(
             "image is dirty (lazy refcounts were not written back); open it read-only".into(),
-        );
-    }
-    if h.nb_snapshots > 0 {
-        return unsupported(
-            "writing to images with internal snapshots is not supported yet; open it read-only"
-                .into(),
         );
     }
     Ok(())

@@ -48,27 +48,39 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The L2 table for L1 index `index`, allocating an empty one if there is none.
+    /// The L2 table for L1 index `index`, ready to be changed: allocated empty if there is none,
+    /// copied first if it is shared with a snapshot (its L1 entry lacks COPIED).
     pub(super) fn ensure_l2_table(&self, meta: &mut Meta, index: usize) -> Result<u64> {
         let raw = self.l1_entry(index);
-        if let Some(off) = self.l2_offset(index)? {
-            if raw & COPIED == 0 {
-                return Err(Error::unsupported(
-                    self.path(),
-                    format!("L2 table at {off:#x} is shared (internal snapshots); cannot write to it yet"),
-                ));
+        let old = self.l2_offset(index)?;
+        if let Some(off) = old {
+            if raw & COPIED != 0 {
+                return Ok(off);
             }
-            return Ok(off);
         }
         let cs = self.geo.cluster_size();
-        let off = self.alloc_clusters(meta, 1)?;
-        self.file.write_at(&vec![0u8; cs as usize], off)?;
-        self.l2_cache.insert(off, vec![0u64; (cs / 8) as usize]);
-        let value = off | COPIED;
+        let new = self.alloc_clusters(meta, 1)?;
+        let entries: Vec<u64> = match old {
+            // The copy references the same clusters as the shared table; their refcounts already
+            // count every L1 table that reaches them (as QEMU keeps them), so only the table's own
+            // refcount changes.
+            Some(off) => {
+                let table = self.l2_table(off)?;
+                (0..(cs / 8) as usize).map(|i| table.get(i)).collect()
+            }
+            None => vec![0u64; (cs / 8) as usize],
+        };
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file.write_at(&bytes, new)?;
+        self.l2_cache.insert(new, entries);
+        let value = new | COPIED;
         self.file
             .write_at(&value.to_be_bytes(), self.l1_offset + index as u64 * 8)?;
         self.l1[index].store(value, Ordering::Release);
-        Ok(off)
+        if let Some(off) = old {
+            self.free_clusters(meta, off, 1)?;
+        }
+        Ok(new)
     }
 
     /// Writes the entries `start..` of the L2 table at `table_off`, on disk and in the cache.
@@ -196,16 +208,13 @@ impl Qcow2 {
         let mut cur = start;
         while cur < end {
             let span_end = ((cur | (self.geo.l2_span() - 1)) + 1).min(end);
-            let Some(table_off) = self.l2_offset(self.geo.l1_index(cur))? else {
+            if self.l2_offset(self.geo.l1_index(cur))?.is_none() && self.unallocated_reads_zero(cur)
+            {
+                // Nothing allocated and nothing shows through: every cluster already reads zero.
                 cur = span_end;
                 continue;
-            };
-            if self.l1_entry(self.geo.l1_index(cur)) & COPIED == 0 {
-                return Err(Error::unsupported(
-                    self.path(),
-                    "L2 table is shared (internal snapshots); cannot change it yet",
-                ));
             }
+            let table_off = self.ensure_l2_table(&mut meta, self.geo.l1_index(cur))?;
             let table = self.l2_table(table_off)?;
             let first = self.geo.l2_index(cur);
             let n = ((span_end - cur) / cs) as usize;

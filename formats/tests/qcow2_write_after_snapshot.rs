@@ -1,0 +1,86 @@
+//! Writing to an image with internal snapshots (made by qemu-img) copies shared L2 tables and data
+//! clusters, so the snapshot keeps its data: checked with qemu-img check, convert and snapshot -a.
+
+use std::path::Path;
+use std::process::Command;
+
+use vdisk_formats::{open, OpenOptions, ZeroFlags};
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn to_raw(img: &Path, out: &Path) -> Vec<u8> {
+    run(&[
+        "qemu-img",
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn writes_after_a_snapshot_leave_the_snapshot_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    let i = img.to_str().unwrap();
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", i, "4M"]);
+    run(&[
+        "qemu-io",
+        "-c",
+        "write -P 0x41 0 2M",
+        "-c",
+        "write -c -P 0x42 3M 64k",
+        i,
+    ]);
+    let before = to_raw(&img, &dir.path().join("a.raw"));
+    run(&["qemu-img", "snapshot", "-c", "snap1", i]);
+
+    let dev = open(&img, OpenOptions::default()).unwrap();
+    let mut model = before.clone();
+    for (off, len, byte) in [
+        (100u64, 10usize, 1u8),
+        (65536 * 5 + 3, 200_000, 2),
+        (3 << 20, 10, 3),
+    ] {
+        dev.write_at(&vec![byte; len], off).unwrap();
+        model[off as usize..off as usize + len].fill(byte);
+    }
+    dev.write_zeroes(
+        1 << 20,
+        1 << 18,
+        ZeroFlags {
+            may_unmap: true,
+            fast_only: false,
+        },
+    )
+    .unwrap();
+    model[1 << 20..(1 << 20) + (1 << 18)].fill(0);
+    dev.discard(0x180000, 0x10000).unwrap();
+    let mut d = vec![0u8; 0x10000];
+    dev.read_at(&mut d, 0x180000).unwrap();
+    model[0x180000..0x190000].copy_from_slice(&d);
+    dev.flush().unwrap();
+    drop(dev);
+
+    run(&["qemu-img", "check", i]);
+    assert!(
+        to_raw(&img, &dir.path().join("b.raw")) == model,
+        "active layer differs"
+    );
+    run(&["qemu-img", "snapshot", "-a", "snap1", i]);
+    run(&["qemu-img", "check", i]);
+    assert!(
+        to_raw(&img, &dir.path().join("c.raw")) == before,
+        "snapshot data changed"
+    );
+}
