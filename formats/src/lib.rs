@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod convert;
 pub mod error;
 pub mod host_file;
 pub mod image;

@@ -1,0 +1,456 @@
+//! Copying one or more images into another: the engine behind `convert`.
+//!
+//! ```text
+//!   planner (this thread) ──jobs──> workers (read, detect zeros, compress) ──results──> writer
+//!      │ walks source extents:                                      in order, or as they come
+//!      └ zero/unallocated ranges never read                          with `out_of_order`
+//! ```
+//!
+//! Work is cut into chunks aligned to `chunk_size` (a multiple of the target's cluster size when
+//! compressing); at most `2 × threads` chunks are in flight, so memory stays bounded whatever the
+//! image size.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use crate::block::{BlockDev, ExtentKind, ZeroFlags};
+use crate::error::{Error, Result};
+
+/// Largest chunk one job carries.
+const MAX_CHUNK: u64 = 2 << 20;
+
+/// How to convert.
+pub struct ConvertOptions<'a> {
+    /// Store data as compressed clusters (`-c`).
+    pub compress: bool,
+    /// Zero runs at least this long (and aligned to it) are not written (`-S`); 0 writes every
+    /// byte, zeroes included.
+    pub sparse_size: u64,
+    /// Worker threads (`-m`).
+    pub threads: usize,
+    /// Write chunks as they complete instead of in order (`-W`).
+    pub out_of_order: bool,
+    /// The target already reads as zero everywhere (a new image without backing file, or
+    /// `--target-is-zero`): zero ranges need no write.
+    pub target_is_zero: bool,
+    /// Compare with what the target reads now (its backing file, for `-B`) and write only what
+    /// differs.
+    pub skip_identical: bool,
+    /// Read errors become zeroes instead of failing (`--salvage`); each is reported to `warn`.
+    pub salvage: bool,
+    /// Called with (bytes done, bytes total) as work completes.
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    /// Called with warnings (salvaged read errors).
+    pub warn: Option<&'a (dyn Fn(&str) + Sync)>,
+}
+
+impl Default for ConvertOptions<'_> {
+    fn default() -> Self {
+        ConvertOptions {
+            compress: false,
+            sparse_size: 4096,
+            threads: 2,
+            out_of_order: false,
+            target_is_zero: true,
+            skip_identical: false,
+            salvage: false,
+            progress: None,
+            warn: None,
+        }
+    }
+}
+
+/// One piece of work, in target offsets.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    seq: u64,
+    /// Index of the source and offset within it.
+    source: usize,
+    src_offset: u64,
+    offset: u64,
+    len: u64,
+    /// The planner knows the range reads as zero.
+    zero: bool,
+}
+
+/// What a worker decided for a chunk.
+enum Piece {
+    /// Write these bytes at the offset.
+    Data(u64, Vec<u8>),
+    /// Make the range read as zero.
+    Zero(u64, u64),
+    /// Store a compressed cluster.
+    Compressed(u64, Vec<u8>),
+}
+
+struct Done {
+    seq: u64,
+    len: u64,
+    pieces: Vec<Piece>,
+}
+
+/// Copies the concatenation of `sources` into `target` (whose size must be at least their total).
+pub fn convert(
+    sources: &[Arc<dyn BlockDev>],
+    target: &Arc<dyn BlockDev>,
+    opts: &ConvertOptions<'_>,
+) -> Result<()> {
+    let total: u64 = sources.iter().map(|s| s.size()).sum();
+    if target.size() < total {
+        return Err(Error::argument(format!(
+            "target is smaller ({} bytes) than the source ({total} bytes)",
+            target.size()
+        )));
+    }
+    let cluster = if opts.compress {
+        target
+            .compressed_cluster_size()
+            .ok_or_else(|| Error::argument("the target format does not support compression"))?
+    } else {
+        u64::from(target.capabilities().preferred_block).max(4096)
+    };
+    let chunk = if cluster >= MAX_CHUNK {
+        cluster
+    } else {
+        (MAX_CHUNK / cluster) * cluster
+    };
+    let threads = opts.threads.max(1);
+    let done_bytes = AtomicU64::new(0);
+
+    // Chunks in flight (queued, being worked on, or waiting for their turn to be written) are
+    // bounded by tokens: the planner takes one per job, the writer returns it once written.
+    let in_flight = threads * 4;
+    let (token_tx, token_rx) = mpsc::sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        token_tx
+            .send(())
+            .expect("the channel has room for every token");
+    }
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads * 2);
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Result<Done>>();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            let failed = &failed;
+            scope.spawn(move || loop {
+                let job = match job_rx.lock().unwrap().recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                };
+                if failed.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let r = work(sources, target, opts, cluster, job);
+                if done_tx.send(r).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+
+        // The writer runs here; the planner on its own thread feeds the workers.
+        let failed_flag = &failed;
+        let planner =
+            scope.spawn(move || plan(sources, opts, chunk, job_tx, token_rx, failed_flag));
+        let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut next = 0u64;
+        let mut result = Ok(());
+        for r in done_rx {
+            let d = match r {
+                Ok(d) => d,
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    let _ = token_tx.send(());
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    continue;
+                }
+            };
+            if result.is_err() {
+                let _ = token_tx.send(());
+                continue;
+            }
+            pending.insert(d.seq, d);
+            loop {
+                let ready = if opts.out_of_order {
+                    pending.pop_first().map(|(_, d)| d)
+                } else {
+                    pending.remove(&next)
+                };
+                let Some(d) = ready else { break };
+                next += 1;
+                let _ = token_tx.send(());
+                if let Err(e) = write_pieces(target, &d.pieces) {
+                    failed.store(true, Ordering::Relaxed);
+                    result = Err(e);
+                    break;
+                }
+                let so_far = done_bytes.fetch_add(d.len, Ordering::Relaxed) + d.len;
+                if let Some(p) = opts.progress {
+                    p(so_far, total);
+                }
+            }
+        }
+        let planned = planner.join().expect("planner thread panicked");
+        result?;
+        planned
+    })?;
+    target.flush()
+}
+
+/// Walks the sources and sends one job per chunk.
+fn plan(
+    sources: &[Arc<dyn BlockDev>],
+    opts: &ConvertOptions<'_>,
+    chunk: u64,
+    jobs: mpsc::SyncSender<Job>,
+    tokens: mpsc::Receiver<()>,
+    failed: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let mut seq = 0;
+    let mut base = 0u64;
+    for (source, dev) in sources.iter().enumerate() {
+        let size = dev.size();
+        let mut off = 0u64;
+        while off < size {
+            let target_off = base + off;
+            let end = ((target_off / chunk + 1) * chunk - base).min(size);
+            let len = end - off;
+            // A chunk is "zero" only when every extent in it reads as zero.
+            let mut zero = !opts.salvage;
+            let mut at = off;
+            while zero && at < end {
+                let e = dev.extent(at, end - at)?;
+                zero = e.kind != ExtentKind::Data;
+                at += e.length;
+            }
+            if tokens.recv().is_err() || failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let job = Job {
+                seq,
+                source,
+                src_offset: off,
+                offset: target_off,
+                len,
+                zero,
+            };
+            if jobs.send(job).is_err() {
+                return Ok(());
+            }
+            seq += 1;
+            off = end;
+        }
+        base += size;
+    }
+    Ok(())
+}
+
+/// Reads, with salvage: failing 512-byte sectors read as zero.
+fn read_source(
+    dev: &Arc<dyn BlockDev>,
+    buf: &mut [u8],
+    offset: u64,
+    opts: &ConvertOptions<'_>,
+) -> Result<()> {
+    match dev.read_at(buf, offset) {
+        Err(e) if opts.salvage => {
+            for (i, sector) in buf.chunks_mut(512).enumerate() {
+                let at = offset + i as u64 * 512;
+                if let Err(e2) = dev.read_at(sector, at) {
+                    sector.fill(0);
+                    if let Some(w) = opts.warn {
+                        w(&format!("error while reading offset {at}: {e2:#} (salvaged as zeroes; first error: {e})"));
+                    }
+                }
+            }
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+fn work(
+    sources: &[Arc<dyn BlockDev>],
+    target: &Arc<dyn BlockDev>,
+    opts: &ConvertOptions<'_>,
+    cluster: u64,
+    job: Job,
+) -> Result<Done> {
+    let mut pieces = Vec::new();
+    let done = |pieces| {
+        Ok(Done {
+            seq: job.seq,
+            len: job.len,
+            pieces,
+        })
+    };
+    let mut current = None;
+    if opts.skip_identical {
+        let mut cur = vec![0u8; job.len as usize];
+        target.read_at(&mut cur, job.offset)?;
+        current = Some(cur);
+    }
+    if job.zero {
+        let already = current.as_ref().map_or(opts.target_is_zero, |c| is_zero(c));
+        if !already {
+            pieces.push(Piece::Zero(job.offset, job.len));
+        }
+        return done(pieces);
+    }
+    let mut data = vec![0u8; job.len as usize];
+    read_source(&sources[job.source], &mut data, job.src_offset, opts)?;
+
+    if opts.compress {
+        for (i, piece) in data.chunks(cluster as usize).enumerate() {
+            let off = job.offset + i as u64 * cluster;
+            if let Some(cur) = &current {
+                let at = i * cluster as usize;
+                if cur[at..at + piece.len()] == *piece {
+                    continue;
+                }
+            }
+            if is_zero(piece) {
+                if current.is_some() || !opts.target_is_zero {
+                    pieces.push(Piece::Zero(off, piece.len() as u64));
+                }
+                continue;
+            }
+            let mut whole;
+            let full: &[u8] = if piece.len() as u64 == cluster {
+                piece
+            } else {
+                whole = piece.to_vec();
+                whole.resize(cluster as usize, 0);
+                &whole
+            };
+            match target.compress_cluster(full)? {
+                Some(c) => pieces.push(Piece::Compressed(off, c)),
+                None => pieces.push(Piece::Data(off, piece.to_vec())),
+            }
+        }
+        return done(pieces);
+    }
+
+    // Plain copy: split into runs of data and of zeroes at `sparse_size` granularity.
+    let unit = if opts.sparse_size == 0 {
+        data.len().max(1)
+    } else {
+        opts.sparse_size as usize
+    };
+    let mut run_start = 0usize;
+    let mut run_zero = None::<bool>;
+    let flush_run = |from: usize, to: usize, zero: bool, pieces: &mut Vec<Piece>| {
+        if from == to {
+            return;
+        }
+        let off = job.offset + from as u64;
+        if let Some(cur) = &current {
+            if cur[from..to] == data[from..to] {
+                return;
+            }
+        }
+        if zero && opts.sparse_size != 0 {
+            if current.is_some() || !opts.target_is_zero {
+                pieces.push(Piece::Zero(off, (to - from) as u64));
+            }
+        } else {
+            pieces.push(Piece::Data(off, data[from..to].to_vec()));
+        }
+    };
+    let mut at = 0usize;
+    while at < data.len() {
+        // Units are aligned to target offsets, so zero runs land on aligned boundaries.
+        let abs = job.offset as usize + at;
+        let end = ((abs / unit + 1) * unit - job.offset as usize).min(data.len());
+        let zero = opts.sparse_size != 0 && is_zero(&data[at..end]);
+        if run_zero != Some(zero) {
+            if let Some(z) = run_zero {
+                flush_run(run_start, at, z, &mut pieces);
+            }
+            run_start = at;
+            run_zero = Some(zero);
+        }
+        at = end;
+    }
+    if let Some(z) = run_zero {
+        flush_run(run_start, data.len(), z, &mut pieces);
+    }
+    done(pieces)
+}
+
+fn write_pieces(target: &Arc<dyn BlockDev>, pieces: &[Piece]) -> Result<()> {
+    for p in pieces {
+        match p {
+            Piece::Data(off, data) => target.write_at(data, *off)?,
+            Piece::Zero(off, len) => target.write_zeroes(
+                *off,
+                *len,
+                ZeroFlags {
+                    may_unmap: true,
+                    fast_only: false,
+                },
+            )?,
+            Piece::Compressed(off, c) => target.write_compressed(*off, c)?,
+        }
+    }
+    Ok(())
+}
+
+/// Whether every byte is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut words = buf.chunks_exact(16);
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::MemDev;
+
+    #[test]
+    fn concatenated_sources_copy_in_order() {
+        let a: Arc<dyn BlockDev> = Arc::new(MemDev::new(3 << 20));
+        let b: Arc<dyn BlockDev> = Arc::new(MemDev::new(1 << 20));
+        a.write_at(&[1u8; 5000], (2 << 20) + 100).unwrap();
+        b.write_at(&[2u8; 7], 10).unwrap();
+        let t = Arc::new(MemDev::new(4 << 20));
+        let target: Arc<dyn BlockDev> = t.clone();
+        convert(
+            &[a, b],
+            &target,
+            &ConvertOptions {
+                threads: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out = t.contents();
+        assert!(out[(2 << 20) + 100..(2 << 20) + 5100]
+            .iter()
+            .all(|&x| x == 1));
+        assert_eq!(&out[(3 << 20) + 10..(3 << 20) + 17], &[2u8; 7]);
+        assert_eq!(out.iter().filter(|&&x| x != 0).count(), 5007);
+    }
+
+    #[test]
+    fn write_errors_are_reported() {
+        let a: Arc<dyn BlockDev> = Arc::new(MemDev::new(8 << 20));
+        a.write_at(&[1u8; 8 << 20], 0).unwrap();
+        let t = Arc::new(MemDev::new(8 << 20));
+        t.fail_write_after(2);
+        let target: Arc<dyn BlockDev> = t.clone();
+        let err = convert(&[a], &target, &ConvertOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+    }
+}
