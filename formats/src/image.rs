@@ -345,3 +345,26 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         CreateOptions::Qcow2(o) => qcow2::create(path, o),
     }
 }
+
+/// Changes the virtual size of an image (`resize`). Shrinking needs `shrink`; new space is
+/// allocated as `prealloc` says.
+pub fn resize(
+    path: &Path,
+    format: Option<Format>,
+    new_size: u64,
+    shrink: bool,
+    prealloc: Preallocation,
+) -> Result<()> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    match format {
+        Format::Raw => Raw::resize(path, new_size, shrink, prealloc),
+        Format::Qcow2 => qcow2::resize(path, new_size, shrink, prealloc),
+        Format::Luks => Err(Error::unsupported(
+            path,
+            "resizing LUKS images is not supported yet",
+        )),
+    }
+}

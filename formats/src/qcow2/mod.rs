@@ -24,6 +24,7 @@ mod l2_cache;
 mod lru;
 mod mapping;
 pub mod refcount;
+mod resize;
 mod write;
 
 use std::path::Path;
@@ -36,6 +37,7 @@ use header::{incompat, Header};
 use l2_cache::L2Cache;
 use mapping::Mapping;
 use refcount::Refcounts;
+pub use resize::resize;
 
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 use crate::chain::{self, ChainCtx};

@@ -56,6 +56,32 @@ impl Raw {
         file.sync()
     }
 
+    /// Changes the size of a raw image; shrinking needs `shrink`. Growth is sparse unless
+    /// `prealloc` asks for falloc or full.
+    pub fn resize(path: &Path, new_size: u64, shrink: bool, prealloc: Preallocation) -> Result<()> {
+        let file = HostFile::open(path, false)?;
+        let old = file.len()?;
+        if new_size < old && !shrink {
+            return Err(Error::argument(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        if new_size > old {
+            match prealloc {
+                Preallocation::Off => {}
+                Preallocation::Falloc => file.allocate(old, new_size - old)?,
+                Preallocation::Full => file.write_zero_bytes(old, new_size - old)?,
+                Preallocation::Metadata => {
+                    return Err(Error::argument(
+                        "Unsupported preallocation mode 'metadata' for raw images",
+                    ))
+                }
+            }
+        }
+        file.set_len(new_size)?;
+        file.sync()
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         check_range(self.file.path(), offset, len, self.size)
     }
