@@ -1,0 +1,1 @@
+//! Kernel attach (placeholder).
