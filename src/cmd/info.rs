@@ -1,0 +1,301 @@
+//! `vdisk info`: describe an image, in qemu-img's human or JSON layout.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Map, Value};
+use vdisk_formats::{Format, FormatSpecific, NodeInfo, OpenOptions};
+
+use crate::errors::{describe, UsageError};
+use crate::output::{human_size, qemu_json};
+
+/// Display information about an image: format, virtual size, space used on the host, the
+/// format's own details and the protocol (file) node below it. The image is opened read-only
+/// and its backing file is not opened.
+///
+/// Examples:
+///
+///   vdisk info disk.qcow2
+///
+///   vdisk info --output=json --backing-chain overlay.qcow2
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Format of the image (raw, qcow2); probed when not given
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+
+    /// Output format: human (the default) or json
+    #[arg(long = "output", value_name = "human|json")]
+    output: Option<String>,
+
+    /// Also describe every image of the backing chain
+    #[arg(short = 'b', long = "backing-chain")]
+    backing_chain: bool,
+
+    /// Open the image in shared mode (accepted; vdisk takes no image locks)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+
+    /// FILENAME is an option string (not supported yet)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+
+    /// A QEMU user-creatable object such as a secret (not supported yet)
+    #[arg(long = "object", value_name = "OBJDEF")]
+    object: Vec<String>,
+
+    /// The image to describe
+    #[arg(value_name = "FILENAME")]
+    filename: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let output = match args.output.as_deref() {
+        None | Some("human") => Output::Human,
+        Some("json") => Output::Json,
+        Some(other) => {
+            return Err(UsageError::error(
+                "info",
+                format!("--output expects 'human' or 'json' not '{other}'"),
+            ))
+        }
+    };
+    let Some(file) = args.filename else {
+        return Err(UsageError::error("info", "Expecting one image file name"));
+    };
+    if args.image_opts {
+        bail!("--image-opts is not supported yet");
+    }
+    if !args.object.is_empty() {
+        bail!("--object is not supported yet");
+    }
+    let format = args.format.as_deref();
+    let nodes = if args.backing_chain {
+        chain_info(&file, format)?
+    } else {
+        vec![node_info(&file, format)?]
+    };
+    match output {
+        Output::Human => {
+            let texts: Vec<String> = nodes.iter().map(human).collect();
+            print!("{}", texts.join("\n"));
+        }
+        Output::Json if args.backing_chain => {
+            let list = Value::Array(nodes.iter().map(to_json).collect());
+            println!("{}", qemu_json(&list));
+        }
+        Output::Json => println!("{}", qemu_json(&to_json(&nodes[0]))),
+    }
+    Ok(())
+}
+
+/// Opens one image (read-only, backing file closed) and describes it.
+fn node_info(file: &Path, format: Option<&str>) -> Result<NodeInfo> {
+    let could_not_open = |why: String| anyhow!("Could not open '{}': {why}", file.display());
+    let format = format
+        .map(|name| {
+            Format::from_name(name).map_err(|_| could_not_open(format!("Unknown driver '{name}'")))
+        })
+        .transpose()?;
+    let opts = OpenOptions {
+        format,
+        read_only: true,
+        no_backing: true,
+    };
+    let dev = vdisk_formats::open(file, opts).map_err(|e| could_not_open(describe(&e)))?;
+    dev.info().map_err(|e| anyhow!(describe(&e)))
+}
+
+/// The image and every image below it, top first; each backing file is opened by the name and
+/// format its overlay records.
+fn chain_info(file: &Path, format: Option<&str>) -> Result<Vec<NodeInfo>> {
+    let mut nodes = vec![node_info(file, format)?];
+    let mut seen = HashSet::new();
+    seen.insert(std::fs::canonicalize(file)?);
+    while let Some(backing) = nodes.last().and_then(|n| n.backing.clone()) {
+        let path = PathBuf::from(&backing.full_filename);
+        if let Ok(canonical) = std::fs::canonicalize(&path) {
+            if !seen.insert(canonical) {
+                bail!(
+                    "Backing file '{}' creates an infinite loop.",
+                    backing.full_filename
+                );
+            }
+        }
+        nodes.push(node_info(&path, backing.format.as_deref())?);
+    }
+    Ok(nodes)
+}
+
+/// `virtual size: 1 GiB (1073741824 bytes)`.
+fn size_with_bytes(n: u64) -> String {
+    format!("{} ({n} bytes)", human_size(n))
+}
+
+/// The human-readable description, as `qemu-img info` prints it.
+fn human(info: &NodeInfo) -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line(format!("image: {}", info.filename));
+    line(format!("file format: {}", info.format));
+    line(format!(
+        "virtual size: {}",
+        size_with_bytes(info.virtual_size)
+    ));
+    line(format!("disk size: {}", disk_size(info)));
+    if info.encrypted == Some(true) {
+        line("encrypted: yes".to_string());
+    }
+    if let Some(cs) = info.cluster_size {
+        line(format!("cluster_size: {cs}"));
+    }
+    if let Some(b) = &info.backing {
+        if b.full_filename != b.filename {
+            line(format!(
+                "backing file: {} (actual path: {})",
+                b.filename, b.full_filename
+            ));
+        } else {
+            line(format!("backing file: {}", b.filename));
+        }
+        if let Some(f) = &b.format {
+            line(format!("backing file format: {f}"));
+        }
+    }
+    if info.dirty_flag {
+        line("cleanly shut down: no".to_string());
+    }
+    dump_specific(&mut out, info, 0);
+    dump_children(&mut out, info, "", 1);
+    out
+}
+
+fn disk_size(info: &NodeInfo) -> String {
+    info.actual_size
+        .map_or_else(|| "unavailable".to_string(), human_size)
+}
+
+/// `Child node '/file':` sections; the child is a protocol node described with protocol words.
+fn dump_children(out: &mut String, info: &NodeInfo, parent: &str, depth: usize) {
+    let pad = "    ".repeat(depth);
+    for child in &info.children {
+        let path = format!("{parent}/{}", child.name);
+        let node = &child.info;
+        out.push_str(&format!(
+            "{}Child node '{path}':\n",
+            "    ".repeat(depth - 1)
+        ));
+        out.push_str(&format!("{pad}filename: {}\n", node.filename));
+        out.push_str(&format!("{pad}protocol type: {}\n", node.format));
+        out.push_str(&format!(
+            "{pad}file length: {}\n",
+            size_with_bytes(node.virtual_size)
+        ));
+        out.push_str(&format!("{pad}disk size: {}\n", disk_size(node)));
+        if node.dirty_flag {
+            out.push_str(&format!("{pad}cleanly shut down: no\n"));
+        }
+        dump_specific(out, node, depth);
+        dump_children(out, node, &path, depth + 1);
+    }
+}
+
+/// `Format specific information:` with one `key: value` line per field (nothing for a plain
+/// file, whose details are empty).
+fn dump_specific(out: &mut String, info: &NodeInfo, depth: usize) {
+    let Some(FormatSpecific::Qcow2(q)) = &info.format_specific else {
+        return;
+    };
+    let pad = "    ".repeat(depth);
+    out.push_str(&format!("{pad}Format specific information:\n"));
+    let mut field = |key: &str, value: String| {
+        out.push_str(&format!("{pad}    {key}: {value}\n"));
+    };
+    field("compat", q.compat.clone());
+    if let Some(c) = &q.compression_type {
+        field("compression type", c.clone());
+    }
+    if let Some(l) = q.lazy_refcounts {
+        field("lazy refcounts", l.to_string());
+    }
+    field("refcount bits", q.refcount_bits.to_string());
+    if let Some(c) = q.corrupt {
+        field("corrupt", c.to_string());
+    }
+    if let Some(e) = q.extended_l2 {
+        field("extended l2", e.to_string());
+    }
+}
+
+/// The JSON object of `qemu-img info --output=json`, keys in the order qemu prints them (the
+/// iteration order of its hash table, fixed for a given set of keys).
+fn to_json(info: &NodeInfo) -> Value {
+    let mut m = Map::new();
+    let children: Vec<Value> = info
+        .children
+        .iter()
+        .map(|c| json!({"name": c.name, "info": to_json(&c.info)}))
+        .collect();
+    m.insert("children".into(), Value::Array(children));
+    if let Some(f) = info.backing.as_ref().and_then(|b| b.format.as_ref()) {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    m.insert("virtual-size".into(), json!(info.virtual_size));
+    m.insert("filename".into(), json!(info.filename));
+    if let Some(cs) = info.cluster_size {
+        m.insert("cluster-size".into(), json!(cs));
+    }
+    m.insert("format".into(), json!(info.format));
+    if let Some(a) = info.actual_size {
+        m.insert("actual-size".into(), json!(a));
+    }
+    if let Some(s) = &info.format_specific {
+        m.insert("format-specific".into(), specific_json(s));
+    }
+    if let Some(b) = &info.backing {
+        m.insert("full-backing-filename".into(), json!(b.full_filename));
+    }
+    if info.encrypted == Some(true) {
+        m.insert("encrypted".into(), json!(true));
+    }
+    if let Some(b) = &info.backing {
+        m.insert("backing-filename".into(), json!(b.filename));
+    }
+    m.insert("dirty-flag".into(), json!(info.dirty_flag));
+    Value::Object(m)
+}
+
+fn specific_json(s: &FormatSpecific) -> Value {
+    match s {
+        FormatSpecific::File => json!({"type": "file", "data": {}}),
+        FormatSpecific::Qcow2(q) => {
+            let mut d = Map::new();
+            d.insert("compat".into(), json!(q.compat));
+            if let Some(c) = &q.compression_type {
+                d.insert("compression-type".into(), json!(c));
+            }
+            if let Some(l) = q.lazy_refcounts {
+                d.insert("lazy-refcounts".into(), json!(l));
+            }
+            d.insert("refcount-bits".into(), json!(q.refcount_bits));
+            if let Some(c) = q.corrupt {
+                d.insert("corrupt".into(), json!(c));
+            }
+            if let Some(e) = q.extended_l2 {
+                d.insert("extended-l2".into(), json!(e));
+            }
+            json!({"type": "qcow2", "data": Value::Object(d)})
+        }
+    }
+}

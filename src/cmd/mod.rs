@@ -1,0 +1,6 @@
+//! One module per subcommand: a clap `Args` struct (its doc comments are the help text) and a
+//! `run()`.
+
+pub mod bench;
+pub mod create;
+pub mod info;

@@ -1,0 +1,111 @@
+//! Errors as qemu-img words them.
+//!
+//! The block layer's errors name their file in front (`disk.img: ...`); qemu-img names the file
+//! once in an outer phrase (`Could not open 'disk.img': ...`) and gives OS errors as bare
+//! `strerror` text. [`describe`] renders a block-layer error for such a phrase.
+
+use std::fmt;
+
+use vdisk_formats::Error;
+
+/// A command-line mistake: printed with a `Try 'vdisk CMD --help' for more info` line after it,
+/// as qemu-img does.
+#[derive(Debug)]
+pub struct UsageError {
+    pub command: &'static str,
+    pub message: String,
+}
+
+impl UsageError {
+    pub fn error(command: &'static str, message: impl Into<String>) -> anyhow::Error {
+        UsageError {
+            command,
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The message of a block-layer error without its leading file name; an OS error comes out as
+/// `WHAT 'FILE': strerror`, as QEMU phrases them (`Could not open 'x': No such file or directory`).
+pub fn describe(err: &Error) -> String {
+    match err {
+        Error::Io { path, what, source } => {
+            format!("{what} '{}': {}", path.display(), os_message(source))
+        }
+        Error::Backing {
+            backing, source, ..
+        } => format!(
+            "Could not open backing file '{}': {}",
+            backing.display(),
+            describe(source)
+        ),
+        _ => {
+            let text = err.to_string();
+            match file_of(err) {
+                Some(path) => {
+                    let prefix = format!("{}: ", path.display());
+                    text.strip_prefix(&prefix).unwrap_or(&text).to_string()
+                }
+                None => text,
+            }
+        }
+    }
+}
+
+/// The file a block-layer error names in front of its message.
+fn file_of(err: &Error) -> Option<&std::path::Path> {
+    match err {
+        Error::InvalidImage { path, .. }
+        | Error::Corrupt { path, .. }
+        | Error::Unsupported { path, .. }
+        | Error::OutOfRange { path, .. }
+        | Error::ReadOnly { path }
+        | Error::NoSpace { path, .. } => Some(path),
+        _ => None,
+    }
+}
+
+/// `strerror` text of an OS error: Rust's message without its ` (os error N)` tail.
+pub fn os_message(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match err.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .unwrap_or(&text)
+            .to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_like_strerror() {
+        let e = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(os_message(&e), "No such file or directory");
+    }
+
+    #[test]
+    fn file_errors_name_the_file_once() {
+        let e = vdisk_formats::open(
+            std::path::Path::new("/nonexistent/x.img"),
+            Default::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            describe(&e),
+            "Could not open '/nonexistent/x.img': No such file or directory"
+        );
+    }
+}
