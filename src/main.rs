@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 /// Virtual disk image tools, a drop-in replacement for qemu-img.
 #[derive(Parser)]
-#[command(name = "vdisk", version)]
+#[command(name = "vdisk", version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -82,7 +82,7 @@ pub struct Args {
     #[arg(long = "pattern", value_name = "PATTERN", allow_hyphen_values = true)]
     pattern: Option<String>,
 
-    /// Print nothing
+    /// Quiet operation (accepted; like qemu-img, bench prints its results anyway)
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
 
@@ -120,6 +120,10 @@ pub struct Args {
     /// The image to benchmark
     #[arg(value_name = "FILENAME")]
     filename: Option<PathBuf>,
+
+    /// More file names, refused with qemu-img's message
+    #[arg(hide = true, allow_hyphen_values = true)]
+    extra: Vec<String>,
 }
 
 /// Largest count, depth, buffer size and flush interval qemu-img accepts.
@@ -229,7 +233,7 @@ impl Plan {
 
 pub fn run(args: Args) -> Result<()> {
     let plan = Plan::from_args(&args)?;
-    let Some(file) = args.filename.clone() else {
+    let (Some(file), true) = (args.filename.clone(), args.extra.is_empty()) else {
         return Err(UsageError::error("bench", "Expecting one image file name"));
     };
     if args.image_opts {
@@ -257,19 +261,17 @@ pub fn run(args: Args) -> Result<()> {
     };
     let dev = vdisk_formats::open(&file, opts).map_err(|e| could_not_open(describe(&e)))?;
 
-    if !args.quiet {
-        println!(
-            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
-            plan.count,
-            if plan.write { "write" } else { "read" },
-            plan.bufsize,
-            plan.depth,
-            plan.offset,
-            plan.step
-        );
-        if plan.flush_interval > 0 {
-            println!("Sending flush every {} requests", plan.flush_interval);
-        }
+    println!(
+        "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
+        plan.count,
+        if plan.write { "write" } else { "read" },
+        plan.bufsize,
+        plan.depth,
+        plan.offset,
+        plan.step
+    );
+    if plan.flush_interval > 0 {
+        println!("Sending flush every {} requests", plan.flush_interval);
     }
     let start = Instant::now();
     execute(&plan, dev.clone())?;
@@ -278,9 +280,7 @@ pub fn run(args: Args) -> Result<()> {
         dev.flush()
             .map_err(|e| anyhow!("Failed flush request: {}", describe(&e)))?;
     }
-    if !args.quiet {
-        println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
-    }
+    println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     Ok(())
 }
 

@@ -66,6 +66,10 @@ pub struct Args {
     /// Virtual size, e.g. 10G or 1.5T
     #[arg(value_name = "SIZE")]
     size: Option<String>,
+
+    /// Arguments after SIZE, refused with qemu-img's message
+    #[arg(hide = true, allow_hyphen_values = true)]
+    extra: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -78,6 +82,12 @@ pub fn run(args: Args) -> Result<()> {
     let Some(file) = args.filename.clone() else {
         return Err(UsageError::error("create", "Expecting image file name"));
     };
+    if let Some(extra) = args.extra.first() {
+        return Err(UsageError::error(
+            "create",
+            format!("Unexpected argument: {extra}"),
+        ));
+    }
     let size = args.size.as_deref().map(image_size).transpose()?;
     create_file(&args, file.clone(), size, &list.pairs).with_context(|| file.display().to_string())
 }

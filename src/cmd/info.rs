@@ -49,6 +49,10 @@ pub struct Args {
     /// The image to describe
     #[arg(value_name = "FILENAME")]
     filename: Option<PathBuf>,
+
+    /// More file names, refused with qemu-img's message
+    #[arg(hide = true, allow_hyphen_values = true)]
+    extra: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
             ))
         }
     };
-    let Some(file) = args.filename else {
+    let (Some(file), true) = (args.filename.clone(), args.extra.is_empty()) else {
         return Err(UsageError::error("info", "Expecting one image file name"));
     };
     if args.image_opts {
@@ -160,6 +164,9 @@ fn human(info: &NodeInfo) -> String {
     if let Some(cs) = info.cluster_size {
         line(format!("cluster_size: {cs}"));
     }
+    if info.dirty_flag {
+        line("cleanly shut down: no".to_string());
+    }
     if let Some(b) = &info.backing {
         if b.full_filename != b.filename {
             line(format!(
@@ -172,9 +179,6 @@ fn human(info: &NodeInfo) -> String {
         if let Some(f) = &b.format {
             line(format!("backing file format: {f}"));
         }
-    }
-    if info.dirty_flag {
-        line("cleanly shut down: no".to_string());
     }
     dump_specific(&mut out, info, 0);
     dump_children(&mut out, info, "", 1);
