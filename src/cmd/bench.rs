@@ -12,8 +12,10 @@ use vdisk_formats::{BlockDev, Format, OpenOptions};
 use crate::errors::{describe, UsageError};
 use crate::numbers::{parse_int_in, parse_size_arg, NumError};
 
-/// Run a simple image benchmark: COUNT requests of BUFFER_SIZE bytes, DEPTH of them in flight at
-/// once, starting at OFFSET and advancing by STEP_SIZE (wrapping before the end of the image).
+/// Run a simple image benchmark.
+///
+/// Sends COUNT requests of BUFFER_SIZE bytes, DEPTH of them in flight at once (one thread each),
+/// starting at OFFSET and advancing by STEP_SIZE, wrapping before the end of the image.
 ///
 /// Examples:
 ///

@@ -10,9 +10,11 @@ use vdisk_formats::{Format, FormatSpecific, NodeInfo, OpenOptions};
 use crate::errors::{describe, UsageError};
 use crate::output::{human_size, qemu_json};
 
-/// Display information about an image: format, virtual size, space used on the host, the
-/// format's own details and the protocol (file) node below it. The image is opened read-only
-/// and its backing file is not opened.
+/// Display information about an image.
+///
+/// Prints the format, the virtual size, the space used on the host, the format's own details and
+/// the protocol (file) node below it, as qemu-img does. The image is opened read-only and, unless
+/// --backing-chain is given, its backing file is not opened.
 ///
 /// Examples:
 ///
