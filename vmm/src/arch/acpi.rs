@@ -219,6 +219,63 @@ mod tests {
         u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap())
     }
 
+    /// Disassembles `table` with ACPICA's `iasl` and returns the listing (None without iasl).
+    fn iasl_listing(table: &[u8], name: &str) -> Option<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join(format!("{name}.dat"));
+        std::fs::write(&bin, table).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&bin)
+            .current_dir(dir.path())
+            .output()
+            .ok()?;
+        assert!(
+            out.status.success(),
+            "iasl -d {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(std::fs::read_to_string(dir.path().join(format!("{name}.dsl"))).unwrap())
+    }
+
+    #[test]
+    fn acpica_disassembles_the_tables() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let windows = [VirtioMmioWindow {
+            addr: 0xd000_0000,
+            gsi: 5,
+        }];
+        write_tables(&mem, 1, &windows).unwrap();
+        let rsdp = read(&mem, layout::RSDP_ADDR, 36);
+        let xsdt = table(&mem, u64_at(&rsdp, 24));
+        let fadt = table(&mem, u64_at(&xsdt, 36));
+        let dsdt = table(&mem, u64_at(&fadt, 140));
+        let Some(listing) = iasl_listing(&dsdt, "dsdt") else {
+            eprintln!("skipped: iasl (acpica-tools) is not installed");
+            return;
+        };
+        for needle in [
+            "Device (V000)",
+            "\"LNRO0005\"",
+            "EisaId (\"PNP0501\")",
+            "Memory32Fixed (ReadWrite,",
+            "0xD0000000",
+            "Name (_S5, Package",
+            "IO (Decode16,",
+        ] {
+            assert!(listing.contains(needle), "{needle} missing in:\n{listing}");
+        }
+        let fadt_listing = iasl_listing(&fadt, "facp").unwrap();
+        assert!(
+            fadt_listing.contains("Hardware Reduced (V5) : 1"),
+            "{fadt_listing}"
+        );
+        let madt = table(&mem, u64_at(&xsdt, 44));
+        let madt_listing = iasl_listing(&madt, "apic").unwrap();
+        assert!(madt_listing.contains("I/O APIC"), "{madt_listing}");
+    }
+
     #[test]
     fn tables_chain_from_the_rsdp_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
