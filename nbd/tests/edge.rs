@@ -427,3 +427,24 @@ fn requests_run_concurrently_and_reply_out_of_order() {
     assert_eq!((first.cookie, second.cookie), (200, 100));
     assert!(start.elapsed() >= Duration::from_millis(300));
 }
+
+#[test]
+fn slow_handshakes_are_cut_off_without_affecting_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Arc::new(MemDev::new(MIB as usize));
+    let srv = serve_unix(
+        server_for(dev).handshake_limit(Some(Duration::from_millis(300))),
+        dir.path(),
+    );
+    let start = Instant::now();
+    let mut idle = Client::connect(&srv.socket);
+    // A client that finished its handshake is not subject to the limit.
+    let mut busy = Client::connect(&srv.socket);
+    busy.go("", Mode::Structured, &[]);
+    assert!(idle.closed());
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(busy.error_of(0, CMD_READ, 0, 512, &[]), 0);
+}

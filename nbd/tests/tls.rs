@@ -149,6 +149,9 @@ fn required_tls_refuses_plain_text_clients() {
     assert_eq!(c.option(OPT_LIST, &[]), REP_ERR_TLS_REQD);
     assert_eq!(c.option(OPT_GO, &info_data("", &[])), REP_ERR_TLS_REQD);
     assert_eq!(c.option(0x4242, &[]), REP_ERR_TLS_REQD);
+    // Even malformed or oversized options get TLS_REQD, not INVALID or TOO_BIG.
+    assert_eq!(c.option(OPT_LIST, b"junk"), REP_ERR_TLS_REQD);
+    assert_eq!(c.option(OPT_INFO, &vec![0; 70_000]), REP_ERR_TLS_REQD);
     c.send_option(OPT_EXPORT_NAME, b"");
     assert!(c.closed());
     let mut c = Client::connect(&srv.socket);

@@ -117,19 +117,35 @@ impl Handshake<'_> {
         if hdr.len > MAX_OPTION_DRAIN {
             return Err(protocol("option length is a denial of service"));
         }
-        if hdr.len > MAX_OPTION_LEN {
+        let oversized = hdr.len > MAX_OPTION_LEN;
+        let mut data = Vec::new();
+        if oversized {
             io::copy(
                 &mut (&mut self.halves.reader).take(u64::from(hdr.len)),
                 &mut io::sink(),
             )?;
+        } else {
+            data = vec![0; hdr.len as usize];
+            self.halves.reader.read_exact(&mut data)?;
+        }
+        // FORCEDTLS: before TLS, everything but STARTTLS and ABORT is refused, whatever its
+        // data ("FORCEDTLS mode").
+        if self.tls_required() {
+            match hdr.code {
+                opt::STARTTLS | opt::ABORT => {}
+                opt::EXPORT_NAME => {
+                    return Err(protocol("EXPORT_NAME before STARTTLS on a TLS-only server"))
+                }
+                _ => return self.error(hdr.code, RepError::TlsReqd, "TLS is required"),
+            }
+        }
+        if oversized {
             if hdr.code == opt::EXPORT_NAME {
                 return Err(protocol("export name longer than any valid name"));
             }
             let msg = format!("option data longer than {MAX_OPTION_LEN} bytes");
             return self.error(hdr.code, RepError::TooBig, &msg);
         }
-        let mut data = vec![0; hdr.len as usize];
-        self.halves.reader.read_exact(&mut data)?;
         let option = match ClientOption::parse(hdr.code, &data) {
             Ok(o) => o,
             Err(InvalidOption(_)) if hdr.code == opt::EXPORT_NAME => {
@@ -137,15 +153,6 @@ impl Handshake<'_> {
             }
             Err(InvalidOption(msg)) => return self.error(hdr.code, RepError::Invalid, &msg),
         };
-        if self.tls_required() {
-            match option {
-                ClientOption::StartTls | ClientOption::Abort => {}
-                ClientOption::ExportName(_) => {
-                    return Err(protocol("EXPORT_NAME before STARTTLS on a TLS-only server"))
-                }
-                _ => return self.error(hdr.code, RepError::TlsReqd, "TLS is required"),
-            }
-        }
         if self.shared.shutting_down() && option != ClientOption::Abort {
             return self.error(hdr.code, RepError::Shutdown, "server is shutting down");
         }
