@@ -10,7 +10,9 @@ use common::*;
 fn fio(uri: &str, dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let out = dir.join("fio.json");
     // Four jobs = four NBD connections, each on its own 16 MiB quarter of the disk.
+    // fio writes its verify state files into the working directory: keep them in `dir`.
     run(Command::new("fio")
+        .current_dir(dir)
         .args([
             "--name=nbd",
             "--ioengine=nbd",
