@@ -18,6 +18,7 @@ have busybox    || need+=(busybox-static)
 have certtool   || need+=(gnutls-bin)
 have nbdsh      || need+=(python3-libnbd)
 have as         || need+=(binutils)
+have iasl       || need+=(acpica-tools)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -26,13 +26,24 @@ pub enum HoleRun {
 }
 
 impl HostFile {
-    /// Opens an existing file, read-only or read-write.
+    /// Opens an existing regular file (or block device), read-only or read-write.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(|e| Error::io(path, "Could not open", e))?;
+        let kind = file
+            .metadata()
+            .map_err(|e| Error::io(path, "cannot stat file", e))?
+            .file_type();
+        use std::os::unix::fs::FileTypeExt;
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err(Error::invalid(
+                path,
+                format!("'file' driver requires '{}' to be a regular file", path.display()),
+            ));
+        }
         Ok(HostFile {
             file,
             path: path.to_path_buf(),

@@ -73,7 +73,8 @@ pub fn file_node(path: &Path, file: &File) -> Result<NodeInfo> {
     Ok(NodeInfo {
         filename: path.display().to_string(),
         format: "file".to_string(),
-        virtual_size: meta.len(),
+        // QEMU reports a file's length in whole 512-byte sectors.
+        virtual_size: meta.len().next_multiple_of(512),
         actual_size: Some(meta.blocks() * 512),
         cluster_size: None,
         dirty_flag: false,

@@ -1,5 +1,6 @@
 //! Sizes as qemu-img writes them: a number with an optional binary suffix
-//! (`b`, `k`/`K`, `M`, `G`, `T`, `P`, `E`), fractions allowed (`1.5G`).
+//! (`b`, `k`/`K`, `M`, `G`, `T`, `P`, `E`), fractions allowed (`1.5G`, `.5k`), hexadecimal
+//! without a suffix (`0x100`).
 
 use crate::error::{Error, Result};
 
@@ -11,11 +12,14 @@ pub fn parse_size(text: &str) -> Result<u64> {
         ))
     };
     let t = text.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).map_err(|_| bad());
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    if num.is_empty() || num.starts_with('.') {
+    if num.is_empty() || num == "." {
         return Err(bad());
     }
     let shift = match suffix {
@@ -32,7 +36,11 @@ pub fn parse_size(text: &str) -> Result<u64> {
         if frac.contains('.') || shift == 0 && !frac.chars().all(|c| c == '0') {
             return Err(bad());
         }
-        let int: u64 = int.parse().map_err(|_| bad())?;
+        let int: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad())?
+        };
         let frac_value: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
         let whole = int
             .checked_shl(shift)
@@ -57,6 +65,8 @@ mod tests {
         assert_eq!(parse_size("64k").unwrap(), 65536);
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);
         assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert_eq!(parse_size(".5k").unwrap(), 512);
+        assert_eq!(parse_size("0x100").unwrap(), 256);
         assert!(parse_size("-1").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999E").is_err());

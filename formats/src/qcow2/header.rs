@@ -113,14 +113,14 @@ impl Header {
     /// length, against which table offsets are checked.
     pub fn parse(path: &Path, buf: &[u8], file_len: u64) -> Result<Header> {
         let bad = |what: String| Error::invalid(path, what);
+        if buf.len() < 4 || be32(buf, 0) != MAGIC {
+            return Err(bad("Image is not in qcow2 format".into()));
+        }
         if buf.len() < V2_HEADER_LEN as usize {
             return Err(bad(format!(
                 "qcow2 header is truncated ({} bytes, at least {V2_HEADER_LEN} needed)",
                 buf.len()
             )));
-        }
-        if be32(buf, 0) != MAGIC {
-            return Err(bad("Image is not in qcow2 format".into()));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {

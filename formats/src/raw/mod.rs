@@ -23,10 +23,11 @@ pub struct Raw {
 }
 
 impl Raw {
-    /// Opens an existing file as a raw image.
+    /// Opens an existing file as a raw image. Its size is the file length rounded up to whole
+    /// 512-byte sectors (as QEMU reports it); the rounded tail reads as zero.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
         let file = HostFile::open(path, read_only)?;
-        let size = file.len()?;
+        let size = file.len()?.next_multiple_of(512);
         Ok(Raw {
             file,
             size,
@@ -34,8 +35,10 @@ impl Raw {
         })
     }
 
-    /// Creates a raw image of `size` bytes with the given preallocation.
+    /// Creates a raw image of `size` bytes (rounded up to whole 512-byte sectors, as qemu-img
+    /// does) with the given preallocation.
     pub fn create(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
+        let size = size.next_multiple_of(512);
         let file = HostFile::create(path)?;
         match prealloc {
             Preallocation::Off => file.set_len(size)?,
