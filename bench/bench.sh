@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
-VDISK=$PWD/target/release/vdisk
+VDISK=${CARGO_TARGET_DIR:-$PWD/target}/release/vdisk
 REPEAT=${REPEAT:-3}
 work=${1:-$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)}
 [ -n "${1:-}" ] || trap 'rm -rf "$work"' EXIT
