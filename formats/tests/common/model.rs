@@ -312,6 +312,11 @@ impl Op {
             _ => 3 * cluster,
         };
         let len = rng.range(1, max_len).min(size - offset);
+        Op::random_kind(rng, offset, len)
+    }
+
+    /// A random operation on exactly `offset..offset+len`.
+    pub fn random_kind(rng: &mut Rng, offset: u64, len: u64) -> Op {
         match rng.below(100) {
             0..=51 => Op::Write {
                 offset,
@@ -329,31 +334,37 @@ impl Op {
         }
     }
 
-    /// Applies the operation to the device and the model. A `fast_only` write_zeroes may be
-    /// refused as Unsupported; the range is then old bytes or zeros.
+    /// Applies the operation to the device and the model.
     pub fn apply(&self, dev: &dyn BlockDev, model: &mut Model) {
+        let done = self.run(dev);
+        self.record(model, done);
+    }
+
+    /// Runs the operation on the device; panics on failure. Returns false when a `fast_only`
+    /// write_zeroes was refused as Unsupported (it may have zeroed part of the range).
+    pub fn run(&self, dev: &dyn BlockDev) -> bool {
         let result = match *self {
-            Op::Write { offset, ref data } => {
-                model.write(offset, data);
-                dev.write_at(data, offset)
-            }
+            Op::Write { offset, ref data } => dev.write_at(data, offset),
             Op::Zero { offset, len, flags } => match dev.write_zeroes(offset, len, flags) {
-                Err(e) if flags.fast_only && e.kind() == ErrorKind::Unsupported => {
-                    model.discard(offset, len);
-                    Ok(())
-                }
-                r => {
-                    model.zero(offset, len);
-                    r
-                }
+                Err(e) if flags.fast_only && e.kind() == ErrorKind::Unsupported => return false,
+                r => r,
             },
-            Op::Discard { offset, len } => {
-                model.discard(offset, len);
-                dev.discard(offset, len)
-            }
+            Op::Discard { offset, len } => dev.discard(offset, len),
         };
         if let Err(e) = result {
             panic!("{self:?}: {e}");
+        }
+        true
+    }
+
+    /// Records the effect of the operation in the model; `done` is what [`Op::run`] returned.
+    pub fn record(&self, model: &mut Model, done: bool) {
+        match *self {
+            Op::Write { offset, ref data } => model.write(offset, data),
+            Op::Zero { offset, len, .. } if done => model.zero(offset, len),
+            Op::Zero { offset, len, .. } | Op::Discard { offset, len } => {
+                model.discard(offset, len)
+            }
         }
     }
 }
