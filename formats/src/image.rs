@@ -204,6 +204,11 @@ const QCOW2_OPTIONS: &[OptionDesc] = &[
         help: "Compression method used for image cluster compression",
     },
     OptionDesc {
+        name: "extended_l2",
+        kind: "bool (on/off)",
+        help: "Extended L2 tables",
+    },
+    OptionDesc {
         name: "lazy_refcounts",
         kind: "bool (on/off)",
         help: "Postpone refcount updates",
@@ -276,6 +281,7 @@ impl CreateOptions {
                     }
                 }
                 "lazy_refcounts" => qcow.lazy_refcounts = parse_bool(key, value)?,
+                "extended_l2" => qcow.extended_l2 = parse_bool(key, value)?,
                 "backing_file" => qcow.backing_file = Some(value.clone()),
                 "compression_type" => {
                     qcow.compression_type = match value.as_str() {
@@ -294,7 +300,7 @@ impl CreateOptions {
                 }
                 "refcount_bits" => {
                     qcow.refcount_bits = value.parse().map_err(|_| {
-                        Error::argument(format!("Parameter 'refcount_bits' expects a number"))
+                        Error::argument("Parameter 'refcount_bits' expects a number")
                     })?
                 }
                 _ => unreachable!("every known option is handled"),

@@ -34,6 +34,8 @@ pub struct CreateOptions {
     pub open_backing: bool,
     /// How compressed clusters are compressed.
     pub compression_type: CompressionType,
+    /// Extended L2 entries: 32 subclusters per cluster (`extended_l2=on`).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -49,6 +51,7 @@ impl Default for CreateOptions {
             backing_format: None,
             open_backing: true,
             compression_type: CompressionType::Zlib,
+            extended_l2: false,
         }
     }
 }
@@ -57,9 +60,19 @@ impl CreateOptions {
     /// Checks the options the way qemu-img does, with its messages.
     pub fn validate(&self) -> Result<()> {
         let cs = self.cluster_size;
+        if self.extended_l2 && self.version < 3 {
+            return Err(Error::argument(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
         if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
             return Err(Error::argument(
                 "Cluster size must be a power of two between 512 and 2048k",
+            ));
+        }
+        if self.extended_l2 && cs < 16384 {
+            return Err(Error::argument(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
@@ -107,9 +120,14 @@ struct Layout {
     total: u64,
 }
 
+/// Entries of one L2 table (extended entries are 16 bytes).
+fn l2_entries(opts: &CreateOptions) -> u64 {
+    opts.cluster_size / if opts.extended_l2 { 16 } else { 8 }
+}
+
 fn layout(opts: &CreateOptions, size: u64) -> Result<Layout> {
     let cs = opts.cluster_size;
-    let l2_entries = cs / 8;
+    let l2_entries = l2_entries(opts);
     let l1_entries = size.div_ceil(cs * l2_entries);
     if l1_entries * 8 > MAX_L1_BYTES {
         return Err(Error::argument(format!(
@@ -222,6 +240,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             header::incompat::COMPRESSION
         } else {
             0
+        } | if opts.extended_l2 {
+            header::incompat::EXTL2
+        } else {
+            0
         },
         compatible_features: if opts.lazy_refcounts {
             header::compat::LAZY_REFCOUNTS
@@ -280,9 +302,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         })
         .collect();
     file.write_at(&l1, lay.l1 * cs)?;
-    let l2_entries = cs / 8;
+    let l2_entries = l2_entries(opts);
     for t in 0..lay.l2_count {
         let first = t * l2_entries;
+        // Extended entries get an empty subcluster bitmap: the clusters are reserved, nothing is
+        // written in them yet (as QEMU preallocates them).
+        let bitmap = opts.extended_l2.then_some(0u64);
         let table: Vec<u8> = (first..first + l2_entries)
             .flat_map(|c| {
                 let e = if c < lay.data_clusters {
@@ -290,7 +315,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 } else {
                     0
                 };
-                e.to_be_bytes()
+                std::iter::once(e).chain(bitmap).flat_map(u64::to_be_bytes)
             })
             .collect();
         file.write_at(&table, (lay.l2 + t) * cs)?;

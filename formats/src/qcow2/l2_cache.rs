@@ -5,8 +5,12 @@
 //! [`L2Cache::update`], which writes the entries to disk and into the cached copy under the cache
 //! lock; loads also happen under that lock, so a table is never loaded from disk while an update
 //! of it is half done.
+//!
+//! Extended L2 entries are two words that must be read as one value. Each table carries a
+//! sequence count that updates make odd while they store and even again afterwards (a seqlock);
+//! [`L2Table::get_pair`] retries when it saw an update in progress, so lookups stay lock-free.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::lru::Lru;
@@ -16,17 +20,50 @@ use crate::error::Result;
 #[derive(Debug)]
 pub struct L2Table {
     entries: Box<[AtomicU64]>,
+    /// Odd while an update is storing entries.
+    seq: AtomicU64,
 }
 
 impl L2Table {
     pub fn new(raw: Vec<u64>) -> Self {
         L2Table {
             entries: raw.into_iter().map(AtomicU64::new).collect(),
+            seq: AtomicU64::new(0),
         }
     }
 
+    /// Word `index` of the table.
     pub fn get(&self, index: usize) -> u64 {
         self.entries[index].load(Ordering::Acquire)
+    }
+
+    /// Words `index` and `index + 1`, as they were at one moment (no update half applied).
+    pub fn get_pair(&self, index: usize) -> (u64, u64) {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 == 0 {
+                let pair = (
+                    self.entries[index].load(Ordering::Relaxed),
+                    self.entries[index + 1].load(Ordering::Relaxed),
+                );
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == before {
+                    return pair;
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Stores `values` from word `start`; callers are serialised by the cache lock.
+    fn store(&self, start: usize, values: &[u64]) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (i, v) in values.iter().enumerate() {
+            self.entries[start + i].store(*v, Ordering::Release);
+        }
+        self.seq.store(seq + 2, Ordering::Release);
     }
 }
 
@@ -67,7 +104,7 @@ impl L2Cache {
             .insert(offset, Arc::new(L2Table::new(raw)));
     }
 
-    /// Sets entries `start..start+values.len()` of the table at `offset`: `write` puts them on disk
+    /// Sets words `start..start+values.len()` of the table at `offset`: `write` puts them on disk
     /// first, then the cached copy (if any) is updated.
     pub fn update(
         &self,
@@ -79,10 +116,32 @@ impl L2Cache {
         let mut tables = self.tables.lock().unwrap();
         write()?;
         if let Some(t) = tables.get(offset) {
-            for (i, v) in values.iter().enumerate() {
-                t.entries[start + i].store(*v, Ordering::Release);
-            }
+            t.store(start, values);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_never_torn() {
+        let table = Arc::new(L2Table::new(vec![0; 4]));
+        let writer = {
+            let table = table.clone();
+            std::thread::spawn(move || {
+                for v in 1..20_000u64 {
+                    table.store(2, &[v, v]);
+                }
+            })
+        };
+        for _ in 0..20_000 {
+            let (a, b) = table.get_pair(2);
+            assert_eq!(a, b);
+        }
+        writer.join().unwrap();
+        assert_eq!(table.get_pair(2), (19_999, 19_999));
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::entry::{self, L2Entry};
+use super::entry::{self, ExtL2Entry, L2Entry};
 use super::l2_cache::L2Table;
 use super::Qcow2;
 use crate::error::{Error, Result};
@@ -10,11 +10,16 @@ use crate::error::{Error, Result};
 /// A run of guest bytes with one mapping state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Mapping {
-    /// The entry of the first cluster. For `Data` and preallocated `Zero` runs the host clusters
-    /// of the run are contiguous from `host`.
+    /// The state of the run, as the entry of its first cluster (with extended L2 entries, of its
+    /// first subcluster: `Data`, `Zero`, `Unallocated` or `Compressed`). For `Data` runs the
+    /// host clusters of the run are contiguous from the entry's `host`.
     pub entry: L2Entry,
     /// Length of the run in bytes (never past the end of one L2 table's span).
     pub len: u64,
+    /// Host offset of the run's first byte when this layer has a host cluster for it: data,
+    /// a preallocated zero cluster, or unallocated subclusters of an allocated cluster. The run's
+    /// bytes are at consecutive host offsets from there.
+    pub host: Option<u64>,
 }
 
 impl Qcow2 {
@@ -45,20 +50,46 @@ impl Qcow2 {
             .map_err(|what| Error::corrupt(self.path(), self.l1_offset + index as u64 * 8, what))
     }
 
-    /// Decodes L2 entry `index` of `table` (at host offset `table_off`).
+    /// Decodes L2 entry `index` (`0..geo.l2_entries()`) of `table` (at host offset `table_off`).
+    /// An extended entry is summarised as one standard entry (see [`ExtL2Entry::summary`]): what
+    /// code that only follows references needs.
     pub(super) fn decode(&self, table: &L2Table, table_off: u64, index: usize) -> Result<L2Entry> {
+        debug_assert!(index < self.geo.l2_entries());
+        if self.geo.extended_l2 {
+            return Ok(self.decode_ext(table, table_off, index)?.summary());
+        }
         let e = L2Entry::decode(table.get(index))
             .map_err(|what| Error::corrupt(self.path(), table_off + index as u64 * 8, what))?;
-        if let Some(host) = e.host_cluster() {
-            if host % self.geo.cluster_size() != 0 {
-                return Err(Error::corrupt(
-                    self.path(),
-                    table_off + index as u64 * 8,
-                    format!("data cluster offset {host:#x} is not cluster aligned"),
-                ));
-            }
+        self.check_host_aligned(e.host_cluster(), table_off + index as u64 * 8)?;
+        Ok(e)
+    }
+
+    /// Decodes extended L2 entry `index` of `table` (an image with extended L2 entries).
+    pub(super) fn decode_ext(
+        &self,
+        table: &L2Table,
+        table_off: u64,
+        index: usize,
+    ) -> Result<ExtL2Entry> {
+        let at = table_off + index as u64 * 16;
+        let (word, bitmap) = table.get_pair(2 * index);
+        let e = ExtL2Entry::decode(word, bitmap)
+            .map_err(|what| Error::corrupt(self.path(), at, what))?;
+        if let ExtL2Entry::Standard { host, .. } = e {
+            self.check_host_aligned(host, at)?;
         }
         Ok(e)
+    }
+
+    fn check_host_aligned(&self, host: Option<u64>, entry_at: u64) -> Result<()> {
+        match host {
+            Some(host) if host % self.geo.cluster_size() != 0 => Err(Error::corrupt(
+                self.path(),
+                entry_at,
+                format!("data cluster offset {host:#x} is not cluster aligned"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Describes the guest bytes from `offset`, at most `len` of them, as one run. Reads at most
@@ -71,9 +102,13 @@ impl Qcow2 {
             return Ok(Mapping {
                 entry: L2Entry::Unallocated,
                 len: end - offset,
+                host: None,
             });
         };
         let table = self.l2_table(table_off)?;
+        if geo.extended_l2 {
+            return self.lookup_subclusters(&table, table_off, offset, end);
+        }
         let first_index = geo.l2_index(offset);
         let first = self.decode(&table, table_off, first_index)?;
         let cs = geo.cluster_size();
@@ -113,9 +148,14 @@ impl Qcow2 {
             run_end += cs;
             index += 1;
         }
+        let in_cluster = geo.in_cluster(offset);
         Ok(Mapping {
             entry: first,
             len: run_end.min(end) - offset,
+            host: match first {
+                L2Entry::Compressed(_) => None,
+                e => e.host_cluster().map(|h| h + in_cluster),
+            },
         })
     }
 }

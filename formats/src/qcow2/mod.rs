@@ -13,8 +13,12 @@
 //! data is written before the L2 entry that publishes it, and refcounts are raised before and
 //! lowered after the entries that use them.
 //!
-//! Not handled yet, refused with a clear error: extended L2 entries, external data files,
-//! encryption, and writing to images left dirty by lazy refcounts (read-only access works).
+//! Extended L2 entries (subclusters) are in subcluster.rs; data writes are checked against the
+//! metadata clusters and refused, marking the image corrupt, when they would overwrite them
+//! (overlap.rs).
+//!
+//! Not handled yet, refused with a clear error: external data files, encryption, and writing to
+//! images left dirty by lazy refcounts (read-only access works).
 
 pub mod compressed;
 mod create;
@@ -23,8 +27,10 @@ pub mod header;
 mod l2_cache;
 mod lru;
 mod mapping;
+mod overlap;
 pub mod refcount;
 mod resize;
+mod subcluster;
 mod write;
 
 use std::path::Path;
@@ -36,6 +42,7 @@ pub use create::{create, CreateOptions};
 use header::{incompat, Header};
 use l2_cache::L2Cache;
 use mapping::Mapping;
+use overlap::MetadataClusters;
 use refcount::Refcounts;
 pub use resize::resize;
 
@@ -57,11 +64,34 @@ struct Geometry {
     l2_bits: u32,
     size: u64,
     version: u32,
+    /// L2 entries are 128 bits wide and clusters have 32 subclusters.
+    extended_l2: bool,
 }
 
 impl Geometry {
+    fn new(header: &Header) -> Geometry {
+        let extended_l2 = header.extended_l2();
+        Geometry {
+            cluster_bits: header.cluster_bits,
+            l2_bits: header.cluster_bits - if extended_l2 { 4 } else { 3 },
+            size: header.size,
+            version: header.version,
+            extended_l2,
+        }
+    }
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+    /// The unit of allocation inside a cluster: a subcluster, or the whole cluster.
+    fn subcluster_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2 { 5 } else { 0 }
+    }
+    fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits()
+    }
+    /// Entries of one L2 table.
+    fn l2_entries(&self) -> usize {
+        1 << self.l2_bits
     }
     fn in_cluster(&self, off: u64) -> u64 {
         off & (self.cluster_size() - 1)
@@ -96,6 +126,8 @@ pub struct Qcow2 {
     l1_offset: u64,
     l1: Vec<AtomicU64>,
     l2_cache: L2Cache,
+    /// Where metadata lives, for the overlap check of data writes.
+    metadata: MetadataClusters,
     meta: Mutex<Meta>,
     free_gate: RwLock<()>,
     /// The backing image (opened read-only), unless opened without backing.
@@ -124,15 +156,10 @@ impl Qcow2 {
         let header = Header::parse(path, &first, file_len)?;
         check_features(path, &header, read_only)?;
         let cluster_bits = header.cluster_bits;
-        let geo = Geometry {
-            cluster_bits,
-            l2_bits: cluster_bits - 3,
-            size: header.size,
-            version: header.version,
-        };
+        let geo = Geometry::new(&header);
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_at(&mut raw, header.l1_table_offset)?;
-        let l1 = raw
+        let l1: Vec<AtomicU64> = raw
             .chunks_exact(8)
             .map(|c| AtomicU64::new(u64::from_be_bytes(c.try_into().unwrap())))
             .collect();
@@ -143,6 +170,7 @@ impl Qcow2 {
             header.refcount_table_offset,
             header.refcount_table_clusters,
         )?;
+        let metadata = MetadataClusters::load(&file, &header, &l1)?;
         let backing_info = header.backing_file.as_ref().map(|name| BackingInfo {
             filename: name.clone(),
             full_filename: chain::full_name(path, name),
@@ -174,6 +202,7 @@ impl Qcow2 {
             l1_offset: header.l1_table_offset,
             l1,
             l2_cache: L2Cache::new(cache_tables),
+            metadata,
             compression: CompressionType::from_header(header.compression_type)
                 .unwrap_or(CompressionType::Zlib),
             meta: Mutex::new(Meta {
@@ -217,6 +246,13 @@ impl Qcow2 {
                 path: self.path().to_path_buf(),
             });
         }
+        if let Some(at) = self.metadata.refused() {
+            return Err(Error::corrupt(
+                self.path(),
+                at,
+                "the image was marked corrupt when a write overlapping metadata was refused; it is read-only now",
+            ));
+        }
         Ok(())
     }
 
@@ -232,10 +268,14 @@ impl Qcow2 {
 }
 
 fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
-    let known = incompat::DIRTY | incompat::CORRUPT | incompat::COMPRESSION;
+    let known = incompat::DIRTY | incompat::CORRUPT | incompat::COMPRESSION | incompat::EXTL2;
     let unsupported = |what: String| Err(Error::unsupported(path, what));
-    if h.incompatible_features & incompat::EXTL2 != 0 {
-        return unsupported("qcow2 extended L2 entries (subclusters) are not supported yet".into());
+    if h.extended_l2() && h.cluster_bits < 14 {
+        // 32 subclusters must be at least 512 bytes each (qcow2.rst, "cluster_bits").
+        return unsupported(format!(
+            "Unsupported subcluster size: {}",
+            h.cluster_size() / u64::from(entry::SUBCLUSTERS)
+        ));
     }
     if h.incompatible_features & incompat::DATA_FILE != 0 {
         return unsupported("qcow2 external data files are not supported yet".into());
@@ -289,13 +329,14 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
 impl BlockDev for Qcow2 {
     fn capabilities(&self) -> Capabilities {
         let cs = self.geo.cluster_size() as u32;
+        let sub = self.geo.subcluster_size() as u32;
         Capabilities {
             size: self.geo.size,
             min_block: 1,
             preferred_block: cs,
             read_only: self.read_only,
-            discard_granularity: cs,
-            zero_granularity: cs,
+            discard_granularity: sub,
+            zero_granularity: sub,
             flush_persists: true,
         }
     }
@@ -332,18 +373,10 @@ impl BlockDev for Qcow2 {
         while done < buf.len() {
             let cur = offset + done as u64;
             let rest = &buf[done..];
-            {
-                let _gate = self.free_gate.read().unwrap();
-                let m = self.lookup(cur, rest.len() as u64)?;
-                if let entry::L2Entry::Data { host, copied: true } = m.entry {
-                    let n = m.len as usize;
-                    self.file
-                        .write_at(&rest[..n], host + self.geo.in_cluster(cur))?;
-                    done += n;
-                    continue;
-                }
-            }
-            done += self.write_allocating(cur, rest)? as usize;
+            done += match self.write_in_place(rest, cur)? {
+                Some(n) => n,
+                None => self.write_allocating(cur, rest)? as usize,
+            };
         }
         Ok(())
     }
@@ -369,7 +402,11 @@ impl BlockDev for Qcow2 {
 
     fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(self.path(), offset, len, self.geo.size)?;
-        let Mapping { entry, len: length } = self.lookup(offset, len)?;
+        let Mapping {
+            entry,
+            len: length,
+            host,
+        } = self.lookup(offset, len)?;
         if entry == entry::L2Entry::Unallocated {
             if let Some(b) = &self.backing {
                 let bsize = b.size();
@@ -380,22 +417,18 @@ impl BlockDev for Qcow2 {
                 }
             }
         }
-        let in_cluster = self.geo.in_cluster(offset);
-        let (kind, host_offset, compressed) = match entry {
-            entry::L2Entry::Unallocated => (ExtentKind::Unallocated, None, false),
-            entry::L2Entry::Zero { host, .. } => {
-                (ExtentKind::Zero, host.map(|h| h + in_cluster), false)
-            }
-            entry::L2Entry::Data { host, .. } => (ExtentKind::Data, Some(host + in_cluster), false),
-            entry::L2Entry::Compressed(_) => (ExtentKind::Data, None, true),
+        let kind = match entry {
+            entry::L2Entry::Unallocated => ExtentKind::Unallocated,
+            entry::L2Entry::Zero { .. } => ExtentKind::Zero,
+            entry::L2Entry::Data { .. } | entry::L2Entry::Compressed(_) => ExtentKind::Data,
         };
         Ok(Extent {
             offset,
             length,
             kind,
             depth: 0,
-            host_offset,
-            compressed,
+            host_offset: host,
+            compressed: matches!(entry, entry::L2Entry::Compressed(_)),
         })
     }
 

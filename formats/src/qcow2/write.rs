@@ -2,12 +2,15 @@
 //!
 //! All of these run under the `meta` mutex. The order of on-disk updates is always: raise
 //! refcounts, write data, publish the L2 entry (and L1 entry for a new table), release old
-//! clusters. A process killed at any point leaves at worst leaked clusters.
+//! clusters. A process killed at any point leaves at worst leaked clusters. Every data write is
+//! checked against the metadata clusters first (overlap.rs). Images with extended L2 entries
+//! take the subcluster paths of subcluster.rs.
 
 use std::sync::atomic::Ordering;
 
 use super::compressed::Descriptor;
 use super::entry::{L2Entry, COPIED, OFFSET_MASK, ZERO};
+use super::overlap::MetaKind;
 use super::{Meta, Qcow2};
 use crate::block::ZeroFlags;
 use crate::error::{Error, Result};
@@ -17,6 +20,7 @@ const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 impl Qcow2 {
     /// Allocates `n` clusters and settles a refcount table move if the allocation caused one.
+    /// New refcount blocks (and a moved table) are recorded as metadata.
     pub(super) fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let off = meta.refcounts.alloc(&self.file, n)?;
         if let Some(mv) = meta.refcounts.take_table_move() {
@@ -25,8 +29,13 @@ impl Qcow2 {
             self.file.sync()?;
             self.write_header(&meta.header)?;
             self.file.sync()?;
+            let clusters = u64::from(mv.clusters);
+            self.metadata
+                .add(mv.offset, clusters, MetaKind::RefcountTable);
+            self.track_refcount_blocks(meta, mv.offset, clusters)?;
             self.free_clusters(meta, mv.old_offset, u64::from(mv.old_clusters))?;
         }
+        self.track_refcount_blocks(meta, off, n)?;
         Ok(off)
     }
 
@@ -43,6 +52,7 @@ impl Qcow2 {
         *self.last_compressed.lock().unwrap() = None;
         let cs = self.geo.cluster_size();
         for c in freed {
+            self.metadata.remove(c);
             self.file.punch_hole(c, cs)?;
         }
         Ok(())
@@ -71,29 +81,67 @@ impl Qcow2 {
             None => vec![0u64; (cs / 8) as usize],
         };
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file.write_at(&bytes, new)?;
+        self.write_checked(meta, &bytes, new)?;
         self.l2_cache.insert(new, entries);
+        self.metadata.add(new, 1, MetaKind::ActiveL2);
         let value = new | COPIED;
         self.file
             .write_at(&value.to_be_bytes(), self.l1_offset + index as u64 * 8)?;
         self.l1[index].store(value, Ordering::Release);
         if let Some(off) = old {
+            // The shared table stays with the snapshots; it is no longer active.
+            self.metadata.remove(off);
             self.free_clusters(meta, off, 1)?;
         }
         Ok(new)
     }
 
-    /// Writes the entries `start..` of the L2 table at `table_off`, on disk and in the cache.
+    /// Writes the standard entries `start..` of the L2 table at `table_off`, on disk and in the
+    /// cache. With extended L2 entries each value is the first word of an entry and its
+    /// subcluster bitmap is cleared: what a compressed cluster needs, and what a preallocated
+    /// cluster with no subcluster written yet looks like.
     pub(super) fn set_l2_entries(
         &self,
         table_off: u64,
         start: usize,
         values: &[u64],
     ) -> Result<()> {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_be_bytes()).collect();
-        self.l2_cache.update(table_off, start, values, || {
+        if self.geo.extended_l2 {
+            let words: Vec<u64> = values.iter().flat_map(|&v| [v, 0]).collect();
+            return self.set_l2_words(table_off, 2 * start, &words);
+        }
+        self.set_l2_words(table_off, start, values)
+    }
+
+    /// Writes the 64-bit words `start..` of the L2 table at `table_off`, on disk and in the cache.
+    pub(super) fn set_l2_words(&self, table_off: u64, start: usize, words: &[u64]) -> Result<()> {
+        let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
+        self.l2_cache.update(table_off, start, words, || {
             self.file.write_at(&bytes, table_off + start as u64 * 8)
         })
+    }
+
+    /// Writes the start of `data` at guest offset `offset` in place when it is data this layer
+    /// owns alone (COPIED). Returns the bytes written, or `None` when the write needs allocation.
+    pub(super) fn write_in_place(&self, data: &[u8], offset: u64) -> Result<Option<usize>> {
+        let hit = {
+            let _gate = self.free_gate.read().unwrap();
+            let m = self.lookup(offset, data.len() as u64)?;
+            let L2Entry::Data { host, copied: true } = m.entry else {
+                return Ok(None);
+            };
+            let at = host + self.geo.in_cluster(offset);
+            match self.metadata.overlap(at, m.len) {
+                None => {
+                    self.file.write_at(&data[..m.len as usize], at)?;
+                    return Ok(Some(m.len as usize));
+                }
+                Some(hit) => hit,
+            }
+        };
+        // The gate is released first: the metadata lock is always taken before it.
+        let mut meta = self.meta.lock().unwrap();
+        Err(self.refuse_overlap(&mut meta, hit))
     }
 
     /// Writes the start of `data` at guest offset `offset` into newly allocated clusters (or
@@ -102,11 +150,12 @@ impl Qcow2 {
         let mut meta = self.meta.lock().unwrap();
         let m = self.lookup(offset, data.len() as u64)?;
         if let L2Entry::Data { host, copied: true } = m.entry {
-            let _gate = self.free_gate.read().unwrap();
             let n = m.len as usize;
-            self.file
-                .write_at(&data[..n], host + self.geo.in_cluster(offset))?;
+            self.write_checked(&mut meta, &data[..n], host + self.geo.in_cluster(offset))?;
             return Ok(m.len);
+        }
+        if self.geo.extended_l2 {
+            return self.write_subclusters(&mut meta, offset, data);
         }
         let cs = self.geo.cluster_size();
         let first = offset - self.geo.in_cluster(offset);
@@ -128,25 +177,36 @@ impl Qcow2 {
         let head = offset - first;
         if head > 0 {
             let buf = self.old_bytes(old[0], first, head)?;
-            self.file.write_at(&buf, host)?;
+            self.write_checked(&mut meta, &buf, host)?;
         }
         let len = end - offset;
-        self.file.write_at(&data[..len as usize], host + head)?;
+        self.write_checked(&mut meta, &data[..len as usize], host + head)?;
         let tail = last - end;
         if tail > 0 {
             let buf = self.old_bytes(old[n as usize - 1], end, tail)?;
-            self.file.write_at(&buf, host + (end - first))?;
+            self.write_checked(&mut meta, &buf, host + (end - first))?;
         }
 
         let entries: Vec<u64> = (0..n).map(|k| (host + k * cs) | COPIED).collect();
         self.set_l2_entries(table_off, l2_start, &entries)?;
-        self.release_entries(&mut meta, &old)?;
+        self.release_replaced(&mut meta, &old)?;
         Ok(len)
     }
 
+    /// Releases the references of entries an allocating write replaced. When that may free a
+    /// cluster, in-flight reads through the old entries are waited for first.
+    pub(super) fn release_replaced(&self, meta: &mut Meta, old: &[L2Entry]) -> Result<()> {
+        let holds = |e: &L2Entry| matches!(e, L2Entry::Compressed(_)) || e.host_cluster().is_some();
+        if !old.iter().any(holds) {
+            return Ok(());
+        }
+        let _gate = self.free_gate.write().unwrap();
+        self.release_entries(meta, old)
+    }
+
     /// The current contents of `len` bytes at guest offset `guest`, inside one cluster whose
-    /// entry is `entry`.
-    fn old_bytes(&self, entry: L2Entry, guest: u64, len: u64) -> Result<Vec<u8>> {
+    /// entry (with extended L2 entries: subcluster state) is `entry`.
+    pub(super) fn old_bytes(&self, entry: L2Entry, guest: u64, len: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
         match entry {
             L2Entry::Data { host, .. } => self
@@ -181,15 +241,15 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Whole clusters inside `offset..offset+len`; the partial cluster at the end of the image
-    /// counts as whole.
-    fn whole_clusters(&self, offset: u64, len: u64) -> (u64, u64) {
-        let cs = self.geo.cluster_size();
-        let start = offset.next_multiple_of(cs);
+    /// Whole allocation units (clusters, or subclusters with extended L2 entries) inside
+    /// `offset..offset+len`; the partial unit at the end of the image counts as whole.
+    fn whole_units(&self, offset: u64, len: u64) -> (u64, u64) {
+        let unit = self.geo.subcluster_size();
+        let start = offset.next_multiple_of(unit);
         let end = if offset + len == self.geo.size {
-            (offset + len).next_multiple_of(cs)
+            (offset + len).next_multiple_of(unit)
         } else {
-            (offset + len) / cs * cs
+            (offset + len) / unit * unit
         };
         (start, end.max(start))
     }
@@ -245,7 +305,10 @@ impl Qcow2 {
     /// clusters where a backing file would show through (version 3; version 2 cannot express that
     /// and keeps those clusters). Partial clusters are left alone.
     pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
-        let (start, end) = self.whole_clusters(offset, len);
+        let (start, end) = self.whole_units(offset, len);
+        if self.geo.extended_l2 {
+            return self.remap_subclusters(start, end, super::subcluster::Remap::Discard);
+        }
         let v3 = self.geo.version >= 3;
         self.remap_clusters(start, end, |guest, old| {
             let hidden = self.unallocated_reads_zero(guest);
@@ -263,7 +326,7 @@ impl Qcow2 {
     /// (version 3; without `may_unmap` they keep their host cluster) or unallocated (version 2,
     /// where unallocated reads zero as there is no backing file).
     pub(super) fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let (start, end) = self.whole_clusters(offset, len);
+        let (start, end) = self.whole_units(offset, len);
         let v3 = self.geo.version >= 3;
         if start >= end || !v3 && self.backing.is_some() {
             // Version 2 has no zero clusters: over a backing file zeroes must be written.
@@ -272,6 +335,10 @@ impl Qcow2 {
         let req_end = offset + len;
         self.zero_bytes(offset, start - offset, flags)?;
         self.zero_bytes(end, req_end.saturating_sub(end), flags)?;
+        if self.geo.extended_l2 {
+            let unmap = flags.may_unmap;
+            return self.remap_subclusters(start, end, super::subcluster::Remap::Zero { unmap });
+        }
         self.remap_clusters(start, end, |guest, old| match old {
             L2Entry::Unallocated if self.unallocated_reads_zero(guest) => None,
             L2Entry::Zero { host: None, .. } => None,
@@ -285,7 +352,8 @@ impl Qcow2 {
         })
     }
 
-    /// Writes zero bytes into part of a cluster, skipping it when it already reads as zero.
+    /// Writes zero bytes into part of an allocation unit, skipping it when it already reads as
+    /// zero.
     fn zero_bytes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -302,7 +370,7 @@ impl Qcow2 {
         if flags.fast_only {
             return Err(Error::unsupported(
                 self.path(),
-                "zeroing part of a cluster needs a data write",
+                "zeroing part of a cluster or subcluster needs a data write",
             ));
         }
         use crate::block::BlockDev;
