@@ -249,22 +249,31 @@ impl Refcounts {
         self.moved.take()
     }
 
-    /// First run of `n` free clusters at or after cluster `from`.
+    /// First run of `n` free clusters at or after cluster `from`. A scan that starts at the free
+    /// hint moves the hint up to the first free cluster it meets, so allocation stays O(1) when
+    /// the image only grows.
     fn find_free(&mut self, file: &HostFile, n: u64, from: u64) -> Result<u64> {
         let mut start = from;
         let mut c = from;
+        let mut first_free = None;
         let entries = 1u64 << self.block_bits;
         while c - start < n {
             let index = (c >> self.block_bits) as usize;
             if self.block_offset(file, index)?.is_none() {
                 // A missing block: all of its clusters are free.
+                first_free.get_or_insert(c);
                 c = (c | (entries - 1)) + 1;
                 continue;
             }
             if self.get(file, c)? != 0 {
                 start = c + 1;
+            } else {
+                first_free.get_or_insert(c);
             }
             c += 1;
+        }
+        if from == self.free_hint {
+            self.free_hint = first_free.unwrap_or(start);
         }
         Ok(start)
     }
