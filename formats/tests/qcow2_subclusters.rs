@@ -499,8 +499,14 @@ fn malformed_extended_entries_are_corruption_errors() {
         assert!(err.to_string().contains(what), "{what}: {err}");
         let err = dev.extent(64 * K, 1).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
-        // The healthy cluster before it still reads.
+        // The healthy cluster before it still reads, and a read across both fails.
         dev.read_at(&mut buf, 0).unwrap();
         assert!(buf.iter().all(|&b| b == 1));
+        let mut both = vec![0u8; 128 * K as usize];
+        assert_eq!(
+            dev.read_at(&mut both, 0).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(dev.extent(0, 128 * K).unwrap().length, 64 * K);
     }
 }

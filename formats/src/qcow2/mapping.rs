@@ -115,7 +115,10 @@ impl Qcow2 {
         let mut run_end = (offset | (cs - 1)) + 1;
         let mut index = first_index + 1;
         while run_end < end {
-            let next = self.decode(&table, table_off, index)?;
+            // A malformed entry ends the run; the lookup that starts there reports it.
+            let Ok(next) = self.decode(&table, table_off, index) else {
+                break;
+            };
             let k = (index - first_index) as u64;
             let same = match (first, next) {
                 (L2Entry::Unallocated, L2Entry::Unallocated) => true,

@@ -129,7 +129,10 @@ impl Qcow2 {
         let mut whole = sc + n == SUBCLUSTERS;
         while whole && run_end < end {
             index += 1;
-            let next = self.decode_ext(table, table_off, index)?;
+            // A malformed entry ends the run; the lookup that starts there reports it.
+            let Ok(next) = self.decode_ext(table, table_off, index) else {
+                break;
+            };
             if !continues(next, (index - first_index) as u64) {
                 break;
             }
