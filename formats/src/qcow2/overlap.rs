@@ -5,7 +5,8 @@
 //! metadata is allocated and released, so checking a data write is one hash lookup per host
 //! cluster it touches. A write that would land on metadata can only come from corrupt metadata
 //! (an L2 entry or a refcount pointing the wrong way); it is refused, the corrupt bit is set in
-//! the header and the image stays read-only from then on, as QEMU does.
+//! the header and the image stays read-only from then on, as QEMU does. (Version 2 headers have
+//! no feature bits; there the refusal lasts as long as the image is open.)
 //!
 //! Refcount blocks are created inside the refcount code; they are discovered after each
 //! allocation by reading the refcount table entries of block ranges not seen before (8 bytes per

@@ -19,11 +19,9 @@ use std::sync::Arc;
 use super::entry::{Bitmap, ExtL2Entry, L2Entry, ALL_SUBCLUSTERS, SUBCLUSTERS};
 use super::l2_cache::L2Table;
 use super::mapping::Mapping;
+use super::write::MAX_ALLOC_BYTES;
 use super::{Meta, Qcow2};
 use crate::error::Result;
-
-/// Upper bound on the bytes one allocating step writes (bounds the copy buffers).
-const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 /// Subclusters `from..to` as a mask (`to` at most 32).
 fn mask(from: u32, to: u32) -> u32 {
@@ -175,8 +173,9 @@ impl Qcow2 {
                 }
             )
         };
+        let in_place = owned(&first_entry);
         let mut old = vec![first_entry];
-        let end = if owned(&first_entry) {
+        let end = if in_place {
             (first + cs).min(req_end)
         } else {
             // Clusters that all need a new host cluster get one contiguous run.
@@ -193,14 +192,9 @@ impl Qcow2 {
             c.min(limit)
         };
         let host = match first_entry {
-            ExtL2Entry::Standard {
-                host: Some(h),
-                copied: true,
-                ..
-            } => h,
+            ExtL2Entry::Standard { host: Some(h), .. } if in_place => h,
             _ => self.alloc_clusters(meta, old.len() as u64)?,
         };
-        let in_place = owned(&first_entry);
 
         let mut new = Vec::with_capacity(old.len());
         for (k, &e) in old.iter().enumerate() {

@@ -16,7 +16,7 @@ use crate::block::ZeroFlags;
 use crate::error::{Error, Result};
 
 /// Upper bound on the bytes one allocating step writes (bounds the COW buffer).
-const MAX_ALLOC_BYTES: u64 = 32 << 20;
+pub(super) const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 impl Qcow2 {
     /// Allocates `n` clusters and settles a refcount table move if the allocation caused one.
