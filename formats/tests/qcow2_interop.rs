@@ -141,7 +141,8 @@ fn vdisk_written(cfg: Config, seed: u64) {
 }
 
 /// (c) and extents: qemu-img creates the image and qemu-io writes it (patterns, zeroes with and
-/// without unmap, discard, all unaligned); vdisk must read what qemu-img reads.
+/// without unmap, discard, all unaligned, and compressed clusters); vdisk must read what
+/// qemu-img reads.
 fn qemu_written(cfg: Config) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("qemu.qcow2");
@@ -169,6 +170,12 @@ fn qemu_written(cfg: Config) {
     if span + 2000 < size {
         write(&mut cmds, &mut model, 0x77, span - 1000, 3000);
     }
+    // Two compressed clusters near the end (QEMU compresses only into unallocated clusters).
+    if cfg.prealloc == "off" {
+        let c = (size / cfg.cluster - 3) * cfg.cluster;
+        cmds.push(format!("write -c -P 0xcd {c} {}", 2 * cfg.cluster));
+        model.write(c, &vec![0xcd; 2 * cfg.cluster as usize]);
+    }
     write(&mut cmds, &mut model, 0x42, size - 700, 700);
     qemu_io(&img, &cmds);
     check_clean(&img);
@@ -194,6 +201,12 @@ fn qemu_written(cfg: Config) {
         }
     }
     assert_extents_agree(&*dev, &img, &what);
+    if cfg.prealloc == "off" {
+        assert!(
+            vdisk_map(&*dev).iter().any(|r| r.compressed),
+            "{what}: no compressed run"
+        );
+    }
 }
 
 /// Every configuration of one cluster size.

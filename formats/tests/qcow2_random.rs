@@ -23,6 +23,8 @@ struct Plan {
     /// Guest ranges the operations land in (start, length).
     windows: Vec<(u64, u64)>,
     ops: usize,
+    /// Preallocation modes to pick from.
+    preallocs: &'static [&'static str],
 }
 
 fn run(plan: Plan) {
@@ -33,8 +35,9 @@ fn run(plan: Plan) {
     let v3 = compat == "1.1";
     let refcount_bits = if v3 { 1u32 << rng.below(7) } else { 16 };
     let lazy = v3 && rng.percent(30);
+    let prealloc = plan.preallocs[rng.below(plan.preallocs.len() as u64) as usize];
     let what = format!(
-        "{} (seed {seed}, compat {compat}, refcount_bits {refcount_bits}, lazy_refcounts {lazy})",
+        "{} (seed {seed}, compat {compat}, refcount_bits {refcount_bits}, lazy_refcounts {lazy}, preallocation {prealloc})",
         plan.name
     );
     println!("{what}");
@@ -49,6 +52,7 @@ fn run(plan: Plan) {
             "lazy_refcounts",
             if lazy { "on" } else { "off" }.to_string(),
         ),
+        ("preallocation", prealloc.to_string()),
     ];
     vdisk_create(&img, plan.size, &pairs);
     let mut model = Model::new(plan.size);
@@ -91,6 +95,7 @@ fn random_ops_on_512_byte_clusters() {
         size: M,
         windows: vec![(0, M)],
         ops: 10000,
+        preallocs: &["off", "off", "metadata", "falloc", "full"],
     });
 }
 
@@ -104,5 +109,7 @@ fn random_ops_on_64k_clusters() {
         size,
         windows: vec![(0, 3 * M), (510 * M, 4 * M), (size - M, M)],
         ops: 5000,
+        // Only sparse modes for a 514 MiB image.
+        preallocs: &["off", "off", "metadata"],
     });
 }

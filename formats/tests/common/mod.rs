@@ -220,6 +220,7 @@ pub struct Run {
     pub kind: ExtentKind,
     /// Host offset of the first byte, where the layer has one.
     pub host: Option<u64>,
+    pub compressed: bool,
 }
 
 /// Appends a run, merging it with the previous one when they continue each other.
@@ -230,7 +231,8 @@ fn push_run(runs: &mut Vec<Run>, r: Run) {
             (Some(a), Some(b)) => b == a + last.len,
             _ => false,
         };
-        if last.kind == r.kind && last.start + last.len == r.start && host_continues {
+        let same = last.kind == r.kind && last.compressed == r.compressed;
+        if same && last.start + last.len == r.start && host_continues {
             last.len += r.len;
             return;
         }
@@ -260,6 +262,7 @@ pub fn vdisk_map(dev: &dyn BlockDev) -> Vec<Run> {
                 len: e.length,
                 kind: e.kind,
                 host: e.host_offset,
+                compressed: e.compressed,
             },
         );
         off += e.length;
@@ -296,6 +299,7 @@ pub fn qemu_map(img: &Path) -> Vec<Run> {
                 len: e.get("length").unwrap().as_u64(),
                 kind,
                 host: e.get("offset").map(Json::as_u64),
+                compressed: flag("compressed"),
             },
         );
     }
