@@ -24,6 +24,25 @@ pub struct NodeInfo {
     pub format_specific: Option<FormatSpecific>,
     /// Child nodes (`file` for the protocol layer).
     pub children: Vec<ChildInfo>,
+    /// Internal snapshots (`Snapshot list:` / `"snapshots"`), in table order.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// One internal snapshot, as `qemu-img info` and `snapshot -l` show it (QEMU's `SnapshotInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    /// Bytes of saved VM state (0 for disk-only snapshots).
+    pub vm_state_size: u64,
+    /// When the snapshot was taken (seconds since the epoch, and nanoseconds).
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    /// Guest clock at that moment.
+    pub vm_clock_sec: u64,
+    pub vm_clock_nsec: u32,
+    /// Instruction count, when recorded (`--` in the table otherwise).
+    pub icount: Option<u64>,
 }
 
 /// The backing file named by an image header.
@@ -82,5 +101,6 @@ pub fn file_node(path: &Path, file: &File) -> Result<NodeInfo> {
         backing: None,
         format_specific: Some(FormatSpecific::File),
         children: Vec::new(),
+        snapshots: Vec::new(),
     })
 }

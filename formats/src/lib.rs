@@ -27,4 +27,4 @@ pub mod units;
 pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{create, open, probe, resize, CreateOptions, Format, OpenOptions, Preallocation};
-pub use info::{BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info};
+pub use info::{BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info, SnapshotInfo};

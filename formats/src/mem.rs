@@ -122,6 +122,7 @@ impl BlockDev for MemDev {
             backing: None,
             format_specific: None,
             children: Vec::new(),
+            snapshots: Vec::new(),
         })
     }
 }

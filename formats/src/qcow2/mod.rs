@@ -20,6 +20,7 @@
 //! Not handled yet, refused with a clear error: external data files, encryption, and writing to
 //! images left dirty by lazy refcounts (read-only access works).
 
+pub mod check;
 pub mod compressed;
 mod create;
 pub mod entry;
@@ -30,6 +31,7 @@ mod mapping;
 mod overlap;
 pub mod refcount;
 mod resize;
+pub mod snapshot;
 mod subcluster;
 mod write;
 
@@ -492,6 +494,7 @@ impl BlockDev for Qcow2 {
                 name: "file".to_string(),
                 info: file,
             }],
+            snapshots: self.snapshot_infos()?,
         })
     }
 }

@@ -190,6 +190,7 @@ impl BlockDev for Raw {
                 name: "file".to_string(),
                 info: file,
             }],
+            snapshots: Vec::new(),
         })
     }
 }
