@@ -17,8 +17,10 @@
 //! metadata clusters and refused, marking the image corrupt, when they would overwrite them
 //! (overlap.rs).
 //!
-//! Not handled yet, refused with a clear error: external data files, encryption, and writing to
-//! images left dirty by lazy refcounts (read-only access works).
+//! An image left dirty (lazy refcounts, the writer died) gets its refcounts rebuilt on the first
+//! read-write open, as QEMU does; vdisk itself keeps refcounts exact and never sets the bit.
+//!
+//! Not handled yet, refused with a clear error: external data files and encryption.
 
 pub mod check;
 pub mod compressed;
@@ -157,6 +159,20 @@ impl Qcow2 {
         file.read_at(&mut first, 0)?;
         let header = Header::parse(path, &first, file_len)?;
         check_features(path, &header, read_only)?;
+        if !read_only && header.incompatible_features & incompat::DIRTY != 0 {
+            // Left dirty with lazy refcounts: QEMU rebuilds the refcounts on the first
+            // read-write open, and so do we, before anything else touches the image.
+            drop(file);
+            let report = Self::check(path, Some(check::Repair::All))?;
+            if let Some(why) = report.failure_line() {
+                return Err(Error::corrupt(
+                    path,
+                    0,
+                    format!("repairing the refcounts of a dirty image failed: {why}"),
+                ));
+            }
+            return Self::open_with(path, read_only, chain);
+        }
         let cluster_bits = header.cluster_bits;
         let geo = Geometry::new(&header);
         let mut raw = vec![0u8; header.l1_size as usize * 8];
@@ -319,11 +335,6 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
             72,
             "image is marked corrupt; it can only be opened read-only (repair it with check -r all)",
         ));
-    }
-    if h.incompatible_features & incompat::DIRTY != 0 {
-        return unsupported(
-            "image is dirty (lazy refcounts were not written back); open it read-only".into(),
-        );
     }
     Ok(())
 }
