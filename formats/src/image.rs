@@ -9,6 +9,7 @@ use crate::block::BlockDev;
 use crate::chain::ChainCtx;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
+use crate::luks::{self, Luks, LuksCreateOptions, Passphrase};
 use crate::qcow2::compressed::CompressionType;
 use crate::qcow2::{self, Qcow2};
 use crate::raw::Raw;
@@ -86,9 +87,6 @@ impl Preallocation {
     }
 }
 
-/// Magic of a LUKS header.
-const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
-
 /// Guesses the format of a file from its first bytes; raw when nothing matches.
 pub fn probe(path: &Path) -> Result<Format> {
     let file = HostFile::open(path, true)?;
@@ -96,7 +94,7 @@ pub fn probe(path: &Path) -> Result<Format> {
     file.read_at(&mut magic, 0)?;
     Ok(if magic[..4] == qcow2::header::MAGIC.to_be_bytes() {
         Format::Qcow2
-    } else if magic[..6] == LUKS_MAGIC[..] {
+    } else if magic[..6] == luks::MAGIC[..] {
         Format::Luks
     } else {
         Format::Raw
@@ -119,6 +117,30 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Arc<dyn BlockDev>> {
     open_layer(path, opts, &mut ChainCtx::default())
 }
 
+/// Opens an image like [`open`], with the passphrase that unlocks an encrypted (LUKS) image.
+/// A LUKS image opened without one fails with `InvalidArgument`; a wrong one with "Invalid
+/// password, cannot unlock any keyslot".
+pub fn open_with_secret(
+    path: &Path,
+    opts: OpenOptions,
+    secret: Option<&Passphrase>,
+) -> Result<Arc<dyn BlockDev>> {
+    let format = match opts.format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    match (format, secret) {
+        (Format::Luks, Some(pw)) => Ok(Arc::new(Luks::open(path, opts.read_only, pw)?)),
+        _ => open(
+            path,
+            OpenOptions {
+                format: Some(format),
+                ..opts
+            },
+        ),
+    }
+}
+
 /// Opens one image of a chain; `ctx` holds the images above it.
 pub(crate) fn open_layer(
     path: &Path,
@@ -137,10 +159,10 @@ pub(crate) fn open_layer(
             Arc::new(Qcow2::open_with(path, opts.read_only, backing)?)
         }
         Format::Luks => {
-            return Err(Error::unsupported(
-                path,
-                "LUKS images are not supported yet",
-            ))
+            return Err(Error::argument(format!(
+                "{}: the image is encrypted (LUKS): opening it needs a passphrase (key-secret)",
+                path.display()
+            )))
         }
     })
 }
@@ -153,6 +175,7 @@ pub enum CreateOptions {
         preallocation: Preallocation,
     },
     Qcow2(qcow2::CreateOptions),
+    Luks(LuksCreateOptions),
 }
 
 /// One `-o` option a format accepts, for `-o help`.
@@ -235,7 +258,7 @@ pub fn create_options_help(format: Format) -> &'static [OptionDesc] {
     match format {
         Format::Raw => RAW_OPTIONS,
         Format::Qcow2 => QCOW2_OPTIONS,
-        Format::Luks => &[],
+        Format::Luks => luks::create_options_help(),
     }
 }
 
@@ -257,6 +280,9 @@ impl CreateOptions {
         size: Option<u64>,
         pairs: &[(String, String)],
     ) -> Result<CreateOptions> {
+        if format == Format::Luks {
+            return LuksCreateOptions::from_pairs(size, pairs).map(CreateOptions::Luks);
+        }
         let known = create_options_help(format);
         let mut size = size;
         let mut qcow = qcow2::CreateOptions::default();
@@ -329,7 +355,7 @@ impl CreateOptions {
                 qcow.validate()?;
                 Ok(CreateOptions::Qcow2(qcow))
             }
-            Format::Luks => Err(Error::argument("creating LUKS images is not supported yet")),
+            Format::Luks => unreachable!("LUKS options are parsed above"),
         }
     }
 
@@ -337,6 +363,7 @@ impl CreateOptions {
         match self {
             CreateOptions::Raw { .. } => Format::Raw,
             CreateOptions::Qcow2(_) => Format::Qcow2,
+            CreateOptions::Luks(_) => Format::Luks,
         }
     }
 }
@@ -349,6 +376,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             preallocation,
         } => Raw::create(path, *size, *preallocation),
         CreateOptions::Qcow2(o) => qcow2::create(path, o),
+        CreateOptions::Luks(o) => Luks::create(path, o),
     }
 }
 

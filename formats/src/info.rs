@@ -69,6 +69,7 @@ pub enum FormatSpecific {
     /// The protocol layer: a host file.
     File,
     Qcow2(Qcow2Info),
+    Luks(Box<LuksInfo>),
 }
 
 /// `format-specific.data` of a qcow2 image.
@@ -82,6 +83,86 @@ pub struct Qcow2Info {
     pub refcount_bits: u32,
     pub corrupt: Option<bool>,
     pub extended_l2: Option<bool>,
+}
+
+/// `format-specific.data` of a LUKS image. qemu-img prints the first fields with these keys:
+/// `cipher-alg`, `cipher-mode`, `ivgen-alg`, `ivgen-hash-alg` (essiv only), `hash-alg`,
+/// `detached-header`, `payload-offset`, `master-key-iters`, `uuid`, `slots`; `luks2` is vdisk's
+/// own (QEMU reads only LUKS1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksInfo {
+    /// 1 or 2.
+    pub version: u32,
+    /// `aes-128`, `aes-192` or `aes-256`.
+    pub cipher_alg: String,
+    /// `xts` or `cbc`.
+    pub cipher_mode: String,
+    /// `plain`, `plain64` or `essiv`.
+    pub ivgen_alg: String,
+    pub ivgen_hash_alg: Option<String>,
+    /// LUKS1 `hash_spec`; LUKS2: the hash of the volume key digest.
+    pub hash_alg: String,
+    pub detached_header: bool,
+    /// Byte offset of the encrypted data.
+    pub payload_offset: u64,
+    /// Iterations of the volume key digest.
+    pub master_key_iters: u64,
+    pub uuid: String,
+    /// LUKS1: all eight slots; LUKS2: the existing keyslots in id order.
+    pub slots: Vec<LuksSlotInfo>,
+    pub luks2: Option<Luks2Info>,
+}
+
+/// One entry of `slots` (`active`, `iters`, `key-offset`, `stripes` in qemu-img's JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksSlotInfo {
+    pub active: bool,
+    /// PBKDF2 iterations (Argon2 passes for LUKS2 Argon2 keyslots); active slots only.
+    pub iters: Option<u64>,
+    /// Byte offset of the key material.
+    pub key_offset: u64,
+    /// Active slots only.
+    pub stripes: Option<u32>,
+}
+
+/// What only LUKS2 has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Info {
+    pub sector_size: u32,
+    /// Added to every IV, in 512-byte units.
+    pub iv_tweak: u64,
+    /// `None` for a `dynamic` segment (to the end of the file).
+    pub segment_size: Option<u64>,
+    pub label: String,
+    pub subsystem: String,
+    /// The header's sequence id (cryptsetup's "Epoch").
+    pub seqid: u64,
+    /// Size of one header copy (binary header + JSON area).
+    pub metadata_size: u64,
+    pub keyslots_size: u64,
+    pub keyslots: Vec<Luks2KeyslotInfo>,
+    /// Token types.
+    pub tokens: Vec<String>,
+    /// What is wrong with the other header copy, if anything.
+    pub damaged_header: Option<String>,
+}
+
+/// One LUKS2 keyslot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2KeyslotInfo {
+    pub id: u32,
+    /// `pbkdf2`, `argon2i` or `argon2id`.
+    pub kdf: String,
+    /// PBKDF2 iterations or Argon2 passes.
+    pub iterations: u32,
+    pub memory_kib: Option<u32>,
+    pub parallel: Option<u32>,
+    pub key_size: u32,
+    pub area_offset: u64,
+    pub area_size: u64,
+    pub area_encryption: String,
+    /// 0 ignore, 1 normal, 2 high.
+    pub priority: u32,
 }
 
 /// Describes the protocol layer: the host file itself.

@@ -4,7 +4,7 @@
 //!            image::open(path, format?) ──probe──> Format
 //!                         │
 //!                         v
-//!   Arc<dyn BlockDev> = Raw | Qcow2      (block.rs: the trait)
+//!   Arc<dyn BlockDev> = Raw | Qcow2 | Luks   (block.rs: the trait)
 //!                         │
 //!                     HostFile          (host_file.rs: pread/pwrite, fallocate, SEEK_HOLE)
 //! ```
@@ -18,6 +18,7 @@ pub mod error;
 pub mod host_file;
 pub mod image;
 pub mod info;
+pub mod luks;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mem;
 pub mod qcow2;
@@ -26,5 +27,10 @@ pub mod units;
 
 pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
-pub use image::{create, open, probe, resize, CreateOptions, Format, OpenOptions, Preallocation};
+pub use image::{
+    create, open, open_with_secret, probe, resize, CreateOptions, Format, OpenOptions,
+    Preallocation,
+};
 pub use info::{BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info, SnapshotInfo};
+pub use info::{Luks2Info, Luks2KeyslotInfo, LuksInfo, LuksSlotInfo};
+pub use luks::Passphrase;

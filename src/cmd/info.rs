@@ -303,5 +303,63 @@ fn specific_json(s: &FormatSpecific) -> Value {
             }
             json!({"type": "qcow2", "data": Value::Object(d)})
         }
+        FormatSpecific::Luks(l) => json!({"type": "luks", "data": luks_json(l)}),
     }
+}
+
+/// LUKS data with qemu-img's keys in its order (LUKS2 images add a `luks2` object).
+fn luks_json(l: &vdisk_formats::LuksInfo) -> Value {
+    let mut d = Map::new();
+    d.insert("ivgen-alg".into(), json!(l.ivgen_alg));
+    d.insert("detached-header".into(), json!(l.detached_header));
+    d.insert("hash-alg".into(), json!(l.hash_alg));
+    d.insert("cipher-alg".into(), json!(l.cipher_alg));
+    d.insert("uuid".into(), json!(l.uuid));
+    if let Some(h) = &l.ivgen_hash_alg {
+        d.insert("ivgen-hash-alg".into(), json!(h));
+    }
+    d.insert("cipher-mode".into(), json!(l.cipher_mode));
+    let slots: Vec<Value> = l
+        .slots
+        .iter()
+        .map(|s| {
+            let mut m = Map::new();
+            m.insert("active".into(), json!(s.active));
+            if let Some(i) = s.iters {
+                m.insert("iters".into(), json!(i));
+            }
+            m.insert("key-offset".into(), json!(s.key_offset));
+            if let Some(n) = s.stripes {
+                m.insert("stripes".into(), json!(n));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    d.insert("slots".into(), json!(slots));
+    d.insert("payload-offset".into(), json!(l.payload_offset));
+    d.insert("master-key-iters".into(), json!(l.master_key_iters));
+    if let Some(v2) = &l.luks2 {
+        d.insert(
+            "luks2".into(),
+            json!({
+                "sector-size": v2.sector_size,
+                "iv-tweak": v2.iv_tweak,
+                "segment-size": v2.segment_size,
+                "label": v2.label,
+                "subsystem": v2.subsystem,
+                "epoch": v2.seqid,
+                "metadata-size": v2.metadata_size,
+                "keyslots-size": v2.keyslots_size,
+                "damaged-header": v2.damaged_header,
+                "tokens": v2.tokens,
+                "keyslots": v2.keyslots.iter().map(|k| json!({
+                    "id": k.id, "kdf": k.kdf, "iterations": k.iterations,
+                    "memory": k.memory_kib, "parallel": k.parallel, "key-size": k.key_size,
+                    "area-offset": k.area_offset, "area-size": k.area_size,
+                    "area-encryption": k.area_encryption, "priority": k.priority,
+                })).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    Value::Object(d)
 }
