@@ -58,7 +58,15 @@ impl Qcow2 {
         if self.geo.extended_l2 {
             return Ok(self.decode_ext(table, table_off, index)?.summary());
         }
-        let e = L2Entry::decode(table.get(index))
+        let raw = table.get(index);
+        if self.data_file.is_some() && raw == super::entry::COPIED {
+            // With an external data file, offset 0 is a valid data cluster (qcow2.rst).
+            return Ok(L2Entry::Data {
+                host: 0,
+                copied: true,
+            });
+        }
+        let e = L2Entry::decode(raw)
             .map_err(|what| Error::corrupt(self.path(), table_off + index as u64 * 8, what))?;
         self.check_host_aligned(e.host_cluster(), table_off + index as u64 * 8)?;
         Ok(e)

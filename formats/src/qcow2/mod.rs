@@ -140,6 +140,8 @@ pub struct Qcow2 {
     compression: CompressionType,
     /// The last decompressed cluster, keyed by its L2 entry.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The external data file holding the guest data, when the image has one (read-only).
+    data_file: Option<HostFile>,
 }
 
 impl Qcow2 {
@@ -212,6 +214,7 @@ impl Qcow2 {
             }
             _ => None,
         };
+        let data_file = open_data_file(path, &header)?;
         let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
         let img = Qcow2 {
             file,
@@ -232,6 +235,7 @@ impl Qcow2 {
             backing,
             backing_info,
             last_compressed: Mutex::new(None),
+            data_file,
         };
         if !read_only {
             img.clear_autoclear_bits()?;
@@ -285,8 +289,29 @@ impl Qcow2 {
     }
 }
 
+/// Opens the external data file an image names (qcow2.rst, "External data file name"), resolved
+/// like a backing file name.
+fn open_data_file(path: &Path, h: &Header) -> Result<Option<HostFile>> {
+    if h.incompatible_features & incompat::DATA_FILE == 0 {
+        return Ok(None);
+    }
+    let Some(name) = h.extension(header::ext::DATA_FILE) else {
+        return Err(Error::invalid(
+            path,
+            "the external data file bit is set but the image names no data file",
+        ));
+    };
+    let name = String::from_utf8_lossy(name);
+    let data_path = chain::resolve_backing(path, &name)?;
+    HostFile::open(&data_path, true).map(Some)
+}
+
 fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
-    let known = incompat::DIRTY | incompat::CORRUPT | incompat::COMPRESSION | incompat::EXTL2;
+    let known = incompat::DIRTY
+        | incompat::CORRUPT
+        | incompat::COMPRESSION
+        | incompat::EXTL2
+        | incompat::DATA_FILE;
     let unsupported = |what: String| Err(Error::unsupported(path, what));
     if h.extended_l2() && h.cluster_bits < 14 {
         // 32 subclusters must be at least 512 bytes each (qcow2.rst, "cluster_bits").
@@ -295,8 +320,11 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
             h.cluster_size() / u64::from(entry::SUBCLUSTERS)
         ));
     }
-    if h.incompatible_features & incompat::DATA_FILE != 0 {
-        return unsupported("qcow2 external data files are not supported yet".into());
+    if h.incompatible_features & incompat::DATA_FILE != 0 && !read_only {
+        return unsupported(
+            "writing to qcow2 images with an external data file is not supported yet; open it read-only"
+                .into(),
+        );
     }
     let has_bit = h.incompatible_features & incompat::COMPRESSION != 0;
     if has_bit && h.compression_type == 0 {
@@ -363,9 +391,11 @@ impl BlockDev for Qcow2 {
             let m = self.lookup(cur, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + m.len as usize];
             match m.entry {
-                entry::L2Entry::Data { host, .. } => {
-                    self.file.read_at(chunk, host + self.geo.in_cluster(cur))?
-                }
+                entry::L2Entry::Data { host, .. } => self
+                    .data_file
+                    .as_ref()
+                    .unwrap_or(&self.file)
+                    .read_at(chunk, host + self.geo.in_cluster(cur))?,
                 entry::L2Entry::Unallocated => self.read_backing(chunk, cur)?,
                 entry::L2Entry::Zero { .. } => chunk.fill(0),
                 entry::L2Entry::Compressed(raw) => {
