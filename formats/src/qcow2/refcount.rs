@@ -250,37 +250,66 @@ impl Refcounts {
     }
 
     /// First run of `n` free clusters at or after cluster `from`. A scan that starts at the free
-    /// hint moves the hint up to the first free cluster it meets, so allocation stays O(1) when
-    /// the image only grows.
+    /// hint moves the hint to the run it found, as QEMU moves `free_cluster_index`.
     fn find_free(&mut self, file: &HostFile, n: u64, from: u64) -> Result<u64> {
+        let start = self
+            .find_free_before(file, n, from, u64::MAX)?
+            .expect("an unbounded scan always finds free clusters");
+        if from == self.free_hint {
+            self.free_hint = start;
+        }
+        Ok(start)
+    }
+
+    /// First run of `n` free clusters starting in `from..limit`, if any.
+    fn find_free_before(
+        &mut self,
+        file: &HostFile,
+        n: u64,
+        from: u64,
+        limit: u64,
+    ) -> Result<Option<u64>> {
         let mut start = from;
         let mut c = from;
-        let mut first_free = None;
         let entries = 1u64 << self.block_bits;
         while c - start < n {
+            if start >= limit {
+                return Ok(None);
+            }
             let index = (c >> self.block_bits) as usize;
             if self.block_offset(file, index)?.is_none() {
                 // A missing block: all of its clusters are free.
-                first_free.get_or_insert(c);
                 c = (c | (entries - 1)) + 1;
                 continue;
             }
             if self.get(file, c)? != 0 {
                 start = c + 1;
-            } else {
-                first_free.get_or_insert(c);
             }
             c += 1;
         }
-        if from == self.free_hint {
-            self.free_hint = first_free.unwrap_or(start);
+        Ok(Some(start))
+    }
+
+    /// Where a run of `n` clusters goes: a hole near the free hint when one is close (within two
+    /// refcount blocks), else the end of the image. This keeps every allocation's cost bounded
+    /// when the only holes are too small, without moving the hint past them (single clusters
+    /// still fill them).
+    fn place_run(&mut self, file: &HostFile, n: u64) -> Result<u64> {
+        let window = 2u64 << self.block_bits;
+        let hint = self.free_hint;
+        let end_of_file = self.file_len.div_ceil(self.cluster_size());
+        if n == 1 || hint >= end_of_file {
+            return self.find_free(file, n, hint);
         }
-        Ok(start)
+        if let Some(start) = self.find_free_before(file, n, hint, hint.saturating_add(window))? {
+            return Ok(start);
+        }
+        self.find_free(file, n, end_of_file.max(hint))
     }
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the byte offset of the first.
     pub fn alloc(&mut self, file: &HostFile, n: u64) -> Result<u64> {
-        let start = self.find_free(file, n, self.free_hint)?;
+        let start = self.place_run(file, n)?;
         let limit = OFFSET_MASK >> self.cluster_bits;
         if start + n > limit {
             return Err(Error::NoSpace {

@@ -146,7 +146,7 @@ impl Qcow2 {
             };
             let table = self.l2_table(off)?;
             let mut in_use = false;
-            for i in 0..(cs / 8) as usize {
+            for i in 0..self.geo.l2_entries() {
                 match self.decode(&table, off, i)? {
                     L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
                     _ => in_use = true,
