@@ -142,7 +142,7 @@ fn vdisk_written(cfg: Config, seed: u64) {
 
 /// (c) and extents: qemu-img creates the image and qemu-io writes it (patterns, zeroes with and
 /// without unmap, discard, all unaligned, and compressed clusters); vdisk must read what
-/// qemu-img reads.
+/// qemu-img reads. Then vdisk writes over all of that, and qemu-img checks and reads the result.
 fn qemu_written(cfg: Config) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("qemu.qcow2");
@@ -171,8 +171,8 @@ fn qemu_written(cfg: Config) {
         write(&mut cmds, &mut model, 0x77, span - 1000, 3000);
     }
     // Two compressed clusters near the end (QEMU compresses only into unallocated clusters).
+    let c = (size / cfg.cluster - 3) * cfg.cluster;
     if cfg.prealloc == "off" {
-        let c = (size / cfg.cluster - 3) * cfg.cluster;
         cmds.push(format!("write -c -P 0xcd {c} {}", 2 * cfg.cluster));
         model.write(c, &vec![0xcd; 2 * cfg.cluster as usize]);
     }
@@ -207,6 +207,21 @@ fn qemu_written(cfg: Config) {
             "{what}: no compressed run"
         );
     }
+    drop(dev);
+
+    // Then vdisk writes over what qemu-io left: data, zero, discarded and compressed clusters.
+    let what = format!("{what}, rewritten by vdisk");
+    let dev = vdisk_open(&img, false);
+    let mut rng = Rng::new(cfg.cluster ^ u64::from(cfg.refcount_bits) << 32);
+    let anchors = [0, z, u, d, c, c + cfg.cluster, size];
+    for _ in 0..16 {
+        let anchor = anchors[rng.below(anchors.len() as u64) as usize];
+        Op::random(&mut rng, size, anchor, cfg.cluster).apply(&*dev, &mut model);
+    }
+    dev.flush().unwrap();
+    drop(dev);
+    verify_image(&img, &mut model, &what);
+    assert_extents_agree(&*vdisk_open(&img, true), &img, &what);
 }
 
 /// Every configuration of one cluster size.
@@ -471,4 +486,36 @@ fn refcount_table_moves_many_times_within_one_large_write() {
     );
     verify_image(&img, &mut model, "one large write");
     assert_extension_kept(&img);
+}
+
+#[test]
+fn opening_for_writing_clears_autoclear_bits_and_keeps_unknown_extensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("autoclear.qcow2");
+    qemu_create(&img, 4 * M, "");
+    add_unknown_extension(&img);
+    let mut bytes = std::fs::read(&img).unwrap();
+    put64(&mut bytes, 88, 1 << 5);
+    std::fs::write(&img, &bytes).unwrap();
+    check_clean(&img);
+
+    let dev = vdisk_open(&img, true);
+    drop(dev);
+    assert_eq!(
+        disk_header(&img).autoclear_features,
+        1 << 5,
+        "read-only open changed the header"
+    );
+    let dev = vdisk_open(&img, false);
+    dev.write_at(b"after the rewrite", 12345).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    assert_eq!(
+        disk_header(&img).autoclear_features,
+        0,
+        "unknown autoclear bit kept"
+    );
+    assert_extension_kept(&img);
+    check_clean(&img);
+    assert_eq!(&qemu_read_all(&img)[12345..12362], b"after the rewrite");
 }

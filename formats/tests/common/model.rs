@@ -86,13 +86,20 @@ pub fn seed_from_env(test: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // The model of guest contents
 
+/// A byte reads as the model's value.
+const EXACT: u8 = 0;
+/// A discarded byte: it reads as the model's value or zero.
+const OLD_OR_ZERO: u8 = 1;
+/// A byte of an interrupted operation: it may read as anything.
+const ANY: u8 = 2;
+
 /// Granule of the sparse model.
 const CHUNK: u64 = 64 << 10;
 
 #[derive(Debug, Clone)]
 struct Chunk {
     data: Vec<u8>,
-    /// Nonzero where the byte was discarded: it may read as `data` or as zero.
+    /// How exact `data` is: [`EXACT`], [`OLD_OR_ZERO`] or [`ANY`].
     loose: Vec<u8>,
 }
 
@@ -128,7 +135,7 @@ impl Model {
             let chunk_len = CHUNK.min(size - base) as usize;
             let chunk = self.chunks.entry(index).or_insert_with(|| Chunk {
                 data: vec![0; chunk_len],
-                loose: vec![0; chunk_len],
+                loose: vec![EXACT; chunk_len],
             });
             let (a, b) = ((cur - base) as usize, (end - base) as usize);
             let (ra, rb) = ((cur - offset) as usize, (end - offset) as usize);
@@ -140,20 +147,29 @@ impl Model {
     pub fn write(&mut self, offset: u64, buf: &[u8]) {
         self.each_chunk(offset, buf.len() as u64, |c, r, src| {
             c.data[r.clone()].copy_from_slice(&buf[src]);
-            c.loose[r].fill(0);
+            c.loose[r].fill(EXACT);
         });
     }
 
     pub fn zero(&mut self, offset: u64, len: u64) {
         self.each_chunk(offset, len, |c, r, _| {
             c.data[r.clone()].fill(0);
-            c.loose[r].fill(0);
+            c.loose[r].fill(EXACT);
         });
     }
 
     /// After a discard each byte reads either its old value or zero.
     pub fn discard(&mut self, offset: u64, len: u64) {
-        self.each_chunk(offset, len, |c, r, _| c.loose[r].fill(1));
+        self.each_chunk(offset, len, |c, r, _| {
+            for l in &mut c.loose[r] {
+                *l = (*l).max(OLD_OR_ZERO);
+            }
+        });
+    }
+
+    /// After an operation that was interrupted, the bytes may read as anything.
+    pub fn forget(&mut self, offset: u64, len: u64) {
+        self.each_chunk(offset, len, |c, r, _| c.loose[r].fill(ANY));
     }
 
     /// Checks `actual`, the guest bytes at `offset`; on success the discarded bytes take the values
@@ -167,7 +183,8 @@ impl Model {
             }
             for (i, &got) in r.clone().zip(&actual[src.clone()]) {
                 let want = c.data[i];
-                if got == want || (c.loose[i] != 0 && got == 0) {
+                let l = c.loose[i];
+                if got == want || l == ANY || (l == OLD_OR_ZERO && got == 0) {
                     continue;
                 }
                 count += 1;
@@ -185,7 +202,7 @@ impl Model {
         }
         self.each_chunk(offset, actual.len() as u64, |c, r, src| {
             c.data[r.clone()].copy_from_slice(&actual[src]);
-            c.loose[r].fill(0);
+            c.loose[r].fill(EXACT);
         });
         Ok(())
     }
@@ -232,7 +249,10 @@ impl Model {
         let file = File::create(path).unwrap();
         file.set_len(self.size).unwrap();
         for (index, c) in &self.chunks {
-            assert!(!c.loose.contains(&1), "settle the model before writing it");
+            assert!(
+                !c.loose.contains(&OLD_OR_ZERO) && !c.loose.contains(&ANY),
+                "settle the model before writing it"
+            );
             file.write_all_at(&c.data, index * CHUNK).unwrap();
         }
     }
