@@ -162,21 +162,6 @@ fn luks1_iteration_limit_is_a_named_constant() {
     );
 }
 
-/// Rewrites the JSON of both LUKS2 header copies (valid checksums) after `edit`.
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut file = std::fs::read(path).unwrap();
-    let bin = parse_bin(&file[..4096], 0).unwrap();
-    let end = 4096 + file[4096..].iter().position(|&c| c == 0).unwrap();
-    let mut v: serde_json::Value = serde_json::from_slice(&file[4096..end]).unwrap();
-    edit(&mut v);
-    let json = serde_json::to_string(&v).unwrap();
-    for off in [0, bin.hdr_size] {
-        let copy = build_copy(&bin, &json, off, &[7; 64]);
-        file[off as usize..off as usize + copy.len()].copy_from_slice(&copy);
-    }
-    std::fs::write(path, file).unwrap();
-}
-
 #[test]
 fn luks2_hostile_metadata_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();

@@ -263,3 +263,38 @@ fn key_slots_added_by_vdisk_or_cryptsetup_unlock_in_the_other() {
         assert!(cryptsetup_accepts(&path, PW, &[]), "{name}");
     }
 }
+
+#[test]
+fn luks2_iv_tweak_and_fixed_segment_size_follow_dm_crypt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.img");
+    let mut pairs = cheap(LuksVersion::V2);
+    pairs.push(("sector_size", "4096"));
+    vdisk_create(&path, 4 << 20, &pairs);
+    edit_json(&path, |v| {
+        v["segments"]["0"]["iv_tweak"] = "24".into();
+        v["segments"]["0"]["size"] = (2u64 << 20).to_string().into();
+    });
+    let out = luks_dump(&path);
+    assert!(out.contains("length: 2097152 [bytes]"), "{out}");
+    let dev = vdisk_open(&path, PW, false);
+    assert_eq!(dev.size(), 2 << 20);
+    let data = pattern(8192, 9);
+    dev.write_at(&data, 8192).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    let key = dump_volume_key(&path, PW);
+    let file = std::fs::read(&path).unwrap();
+    let at = (16 << 20) + 8192;
+    let plain = python_xts_decrypt(&key, &file[at..at + 8192], 4096, 8192 / 512 + 24);
+    assert_eq!(
+        plain, data,
+        "IV = 512-byte units from the segment start + iv_tweak"
+    );
+
+    edit_json(&path, |v| {
+        v["segments"]["0"]["size"] = (8u64 << 20).to_string().into()
+    });
+    let e = Luks::open(&path, true, &Passphrase::from(PW)).unwrap_err();
+    assert!(e.to_string().contains("past the end"), "{e}");
+}

@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 pub use crate::common::run_ok;
+use vdisk_formats::luks::luks2::header::{build_copy, parse_bin};
 use vdisk_formats::luks::{LuksCreateOptions, LuksVersion};
 use vdisk_formats::{open_with_secret, BlockDev, CreateOptions, Format, OpenOptions, Passphrase};
 
@@ -254,4 +255,19 @@ pub fn qemu_default_image(dest: &Path) {
         p
     });
     std::fs::copy(src, dest).unwrap();
+}
+
+/// Rewrites the JSON of both LUKS2 header copies (valid checksums) after `edit`.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut file = std::fs::read(path).unwrap();
+    let bin = parse_bin(&file[..4096], 0).unwrap();
+    let end = 4096 + file[4096..].iter().position(|&c| c == 0).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&file[4096..end]).unwrap();
+    edit(&mut v);
+    let json = serde_json::to_string(&v).unwrap();
+    for off in [0, bin.hdr_size] {
+        let copy = build_copy(&bin, &json, off, &[7; 64]);
+        file[off as usize..off as usize + copy.len()].copy_from_slice(&copy);
+    }
+    std::fs::write(path, file).unwrap();
 }
