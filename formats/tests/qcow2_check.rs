@@ -577,6 +577,38 @@ fn extended_l2_bitmaps_are_checked() {
 }
 
 #[test]
+fn persistent_bitmaps_hold_references() {
+    let dir = tempdir();
+    let img = qemu_image(dir.path(), "bitmaps.qcow2", "64M", "", &[]);
+    run_ok(
+        qemu_img()
+            .args(["bitmap", "--add", "--enable"])
+            .arg(&img)
+            .arg("b0"),
+    );
+    let add = ["bitmap", "--add", "--granularity", "512"];
+    run_ok(qemu_img().args(add).arg(&img).arg("b1"));
+    // qemu-io keeps enabled bitmaps up to date and stores them with data clusters.
+    qemu_io(
+        &img,
+        &["write -P 1 0 1M".into(), "write -P 2 40M 64k".into()],
+    );
+    let report = Qcow2::check(&img, None).unwrap();
+    assert_eq!((report.leaks, report.exit_code()), (0, 0));
+    assert_mode_like_qemu(&img, None, true);
+    // A repair keeps the bitmaps where they are (qemu-img, opening the image for writing, also
+    // rewrites their directory, so the files are not compared).
+    let lay = Layout::of(&img);
+    let v = copy(&img, "v-bitmaps.qcow2");
+    lay.set_refcount(&v, 1, 0);
+    let report = Qcow2::check(&v, Some(Repair::All)).unwrap();
+    assert_eq!((report.corruptions_fixed, report.exit_code()), (1, 0));
+    assert_clean(&qemu_check(&v, None, true), "bitmaps");
+    let out = run_ok(qemu_img().args(["info", "--output=json"]).arg(&v));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"b1\""));
+}
+
+#[test]
 fn dirty_and_corrupt_bits_are_cleared_by_a_repair() {
     let dir = tempdir();
     let img = qemu_image(

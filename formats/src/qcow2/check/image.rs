@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::bitmaps::BitmapsExt;
 use super::Fail;
 use crate::error::Result;
 use crate::host_file::HostFile;
@@ -39,6 +40,8 @@ pub(super) struct Image {
     pub l1: Vec<u64>,
     /// The refcount table, entries as stored.
     pub reftable: Vec<u64>,
+    /// Persistent dirty bitmaps, if the image has any that count.
+    pub bitmaps: Option<BitmapsExt>,
     blocks: Lru<Vec<u8>>,
     /// The file length as QEMU sees it (rounded up to 512 bytes).
     file_len: u64,
@@ -61,6 +64,7 @@ impl Image {
             vec![0u8; (u64::from(header.refcount_table_clusters) << header.cluster_bits) as usize];
         file.read_at(&mut raw, header.refcount_table_offset)?;
         let reftable = be64_words(&raw);
+        let bitmaps = BitmapsExt::from_header(path, &header)?;
         Ok(Image {
             file,
             cluster_bits: header.cluster_bits,
@@ -69,6 +73,7 @@ impl Image {
             writable,
             l1,
             reftable,
+            bitmaps,
             blocks: Lru::new(BLOCK_CACHE),
             file_len: real_len.next_multiple_of(512),
         })

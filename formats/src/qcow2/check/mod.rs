@@ -15,6 +15,7 @@
 //! anything is followed by a second, read-only check whose numbers are reported (as qemu-img
 //! does).
 
+mod bitmaps;
 mod image;
 mod refs;
 mod repair;
@@ -354,6 +355,11 @@ impl Checker {
         {
             return Some("refcount block");
         }
+        if let Some((dir, len)) = self.img.bitmaps.map(|b| b.directory()) {
+            if hits(dir, len) {
+                return Some("bitmap directory");
+            }
+        }
         None
     }
 
@@ -486,5 +492,68 @@ pub(super) fn c_hex(v: u64) -> String {
         "0".into()
     } else {
         format!("{v:#x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_classify_like_qemu() {
+        assert_eq!(cluster_type(0, false), ClusterType::Unallocated);
+        assert_eq!(cluster_type(ZERO, false), ClusterType::ZeroPlain);
+        assert_eq!(cluster_type(ZERO | 0x5_0000, false), ClusterType::ZeroAlloc);
+        assert_eq!(cluster_type(0x5_0000, false), ClusterType::Normal);
+        assert_eq!(
+            cluster_type(COMPRESSED | 0x5_0123, false),
+            ClusterType::Compressed
+        );
+        // With subclusters bit 0 means nothing to the type.
+        assert_eq!(cluster_type(ZERO, true), ClusterType::Unallocated);
+        assert_eq!(cluster_type(ZERO | 0x5_0000, true), ClusterType::Normal);
+    }
+
+    #[test]
+    fn hex_is_printed_like_c() {
+        assert_eq!(c_hex(0), "0");
+        assert_eq!(c_hex(0x50200), "0x50200");
+    }
+
+    #[test]
+    fn reports_print_like_qemu_img() {
+        let mut r = CheckReport {
+            leaks: 2,
+            total_clusters: 1024,
+            allocated_clusters: 4,
+            image_end_offset: 720896,
+            ..CheckReport::default()
+        };
+        assert_eq!(
+            r.human(),
+            "\n2 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n4/1024 = 0.39% allocated, 0.00% fragmented, 0.00% compressed clusters\nImage end offset: 720896\n"
+        );
+        assert_eq!(r.exit_code(), 3);
+        r.corruptions = 1;
+        assert_eq!(r.exit_code(), 2);
+        r.check_errors = 1;
+        assert_eq!(
+            (r.exit_code(), r.failure_line().unwrap()),
+            (1, "Check failed".into())
+        );
+        let keys: Vec<&str> = r.json_fields().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                "image-end-offset",
+                "total-clusters",
+                "corruptions",
+                "check-errors",
+                "leaks",
+                "allocated-clusters",
+                "filename",
+                "format"
+            ]
+        );
     }
 }

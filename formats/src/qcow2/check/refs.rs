@@ -73,3 +73,22 @@ impl RefArray {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_in_whole_clusters_and_slices_blocks() {
+        let mut a = RefArray::new(4, 512, 10).unwrap();
+        assert_eq!(a.len(), 10);
+        a.set(9, 7);
+        a.resize(300).unwrap();
+        assert_eq!((a.get(9), a.get(299)), (7, 0));
+        // 16-bit refcounts: 256 per 512-byte block; entry 9 is in block 0, bytes 18-19.
+        assert_eq!(&a.block(0)[18..20], &[0, 7]);
+        assert_eq!(a.block(5), vec![0u8; 512]);
+        a.clear();
+        assert_eq!(a.get(9), 0);
+    }
+}

@@ -117,6 +117,7 @@ impl Checker {
         let rt_off = self.img.header.refcount_table_offset;
         let rt_bytes = self.img.reftable.len() as u64 * 8;
         self.inc(res, arr, rt_off, rt_bytes)?;
+        self.check_bitmaps(res, arr)?;
         self.check_refblocks(res, arr, fix, rebuild)
     }
 
