@@ -207,7 +207,7 @@ impl Qcow2 {
     /// Writes one cluster of compressed data for the cluster at guest offset `offset`, which must
     /// be unallocated (or a zero cluster) in this layer.
     pub(super) fn store_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.lock_meta_for(offset, 1);
         let l1_index = self.geo.l1_index(offset);
         let table_off = self.ensure_l2_table(&mut meta, l1_index)?;
         let table = self.l2_table(table_off)?;

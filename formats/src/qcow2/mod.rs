@@ -39,7 +39,7 @@ mod write;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use compressed::CompressionType;
 pub use create::{create, CreateOptions};
@@ -119,6 +119,17 @@ struct Meta {
     refcounts: Refcounts,
     /// Where the next compressed cluster may be packed (just after the previous one).
     next_compressed_byte: Option<u64>,
+    /// Guest clusters (first index, count) whose new host clusters are being written outside the
+    /// lock; their mapping must not change until the writer publishes it (see `alloc_done`).
+    allocating: Vec<(u64, u64)>,
+}
+
+impl Meta {
+    fn allocating_overlaps(&self, first: u64, n: u64) -> bool {
+        self.allocating
+            .iter()
+            .any(|&(f, k)| f < first + n && first < f + k)
+    }
 }
 
 /// An open qcow2 image.
@@ -133,6 +144,8 @@ pub struct Qcow2 {
     /// Where metadata lives, for the overlap check of data writes.
     metadata: MetadataClusters,
     meta: Mutex<Meta>,
+    /// Signalled (with `meta`) when an allocating write publishes its clusters.
+    alloc_done: Condvar,
     free_gate: RwLock<()>,
     /// The backing image (opened read-only), unless opened without backing.
     backing: Option<Arc<dyn BlockDev>>,
@@ -230,7 +243,9 @@ impl Qcow2 {
                 header,
                 refcounts,
                 next_compressed_byte: None,
+                allocating: Vec::new(),
             }),
+            alloc_done: Condvar::new(),
             free_gate: RwLock::new(()),
             backing,
             backing_info,
@@ -541,6 +556,19 @@ impl BlockDev for Qcow2 {
 }
 
 impl Qcow2 {
+    /// Takes the metadata lock once no allocating write is in flight on guest bytes
+    /// `offset..offset+len` (whole clusters).
+    fn lock_meta_for(&self, offset: u64, len: u64) -> MutexGuard<'_, Meta> {
+        let cb = self.geo.cluster_bits;
+        let first = offset >> cb;
+        let n = ((offset + len.max(1)).div_ceil(1 << cb)) - first;
+        let mut meta = self.meta.lock().unwrap();
+        while meta.allocating_overlaps(first, n) {
+            meta = self.alloc_done.wait(meta).unwrap();
+        }
+        meta
+    }
+
     fn l1_entry(&self, index: usize) -> u64 {
         self.l1[index].load(Ordering::Acquire)
     }

@@ -147,7 +147,11 @@ impl Qcow2 {
     /// Writes the start of `data` at guest offset `offset` into newly allocated clusters (or
     /// in place, if another writer allocated them meanwhile). Returns the bytes consumed.
     pub(super) fn write_allocating(&self, offset: u64, data: &[u8]) -> Result<u64> {
-        let mut meta = self.meta.lock().unwrap();
+        let cs = self.geo.cluster_size();
+        let first = offset - self.geo.in_cluster(offset);
+        let max_end = first + (MAX_ALLOC_BYTES / cs).max(1) * cs;
+        let mut meta =
+            self.lock_meta_for(offset, data.len().min((max_end - offset) as usize) as u64);
         let m = self.lookup(offset, data.len() as u64)?;
         if let L2Entry::Data { host, copied: true } = m.entry {
             let n = m.len as usize;
@@ -157,9 +161,6 @@ impl Qcow2 {
         if self.geo.extended_l2 {
             return self.write_subclusters(&mut meta, offset, data);
         }
-        let cs = self.geo.cluster_size();
-        let first = offset - self.geo.in_cluster(offset);
-        let max_end = first + (MAX_ALLOC_BYTES / cs).max(1) * cs;
         let end = (offset + m.len).min(max_end);
         let last = end.next_multiple_of(cs);
         let n = (last - first) / cs;
@@ -172,25 +173,54 @@ impl Qcow2 {
             .map(|k| self.decode(&table, table_off, l2_start + k))
             .collect::<Result<_>>()?;
         let host = self.alloc_clusters(&mut meta, n)?;
+        if let Some(hit) = self.metadata.overlap(host, n * cs) {
+            return Err(self.refuse_overlap(&mut meta, hit));
+        }
 
-        // Copy-on-write of the parts of the first and last cluster the write does not cover.
-        let head = offset - first;
-        if head > 0 {
-            let buf = self.old_bytes(old[0], first, head)?;
-            self.write_checked(&mut meta, &buf, host)?;
-        }
-        let len = end - offset;
-        self.write_checked(&mut meta, &data[..len as usize], host + head)?;
-        let tail = last - end;
-        if tail > 0 {
-            let buf = self.old_bytes(old[n as usize - 1], end, tail)?;
-            self.write_checked(&mut meta, &buf, host + (end - first))?;
-        }
+        // The new clusters are ours alone until published: write them without the lock, so
+        // allocating writes elsewhere (and all other I/O) go on meanwhile. Changes to these guest
+        // clusters wait for `alloc_done`.
+        let span = (first / cs, n);
+        meta.allocating.push(span);
+        drop(meta);
+        let written = self.fill_new_clusters(&old, first, offset, end, last, host, data);
+        let mut meta = self.meta.lock().unwrap();
+        meta.allocating.retain(|&s| s != span);
+        self.alloc_done.notify_all();
+        written?;
 
         let entries: Vec<u64> = (0..n).map(|k| (host + k * cs) | COPIED).collect();
         self.set_l2_entries(table_off, l2_start, &entries)?;
         self.release_replaced(&mut meta, &old)?;
-        Ok(len)
+        Ok(end - offset)
+    }
+
+    /// Writes the data of an allocating write into its new clusters at `host`, with the parts of
+    /// the first and last cluster the write does not cover copied from the old contents.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_new_clusters(
+        &self,
+        old: &[L2Entry],
+        first: u64,
+        offset: u64,
+        end: u64,
+        last: u64,
+        host: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let head = offset - first;
+        if head > 0 {
+            let buf = self.old_bytes(old[0], first, head)?;
+            self.file.write_at(&buf, host)?;
+        }
+        self.file
+            .write_at(&data[..(end - offset) as usize], host + head)?;
+        let tail = last - end;
+        if tail > 0 {
+            let buf = self.old_bytes(old[old.len() - 1], end, tail)?;
+            self.file.write_at(&buf, host + (end - first))?;
+        }
+        Ok(())
     }
 
     /// Releases the references of entries an allocating write replaced. When that may free a
@@ -263,7 +293,7 @@ impl Qcow2 {
         mut new_entry: impl FnMut(u64, L2Entry) -> Option<u64>,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.lock_meta_for(start, end - start);
         let _gate = self.free_gate.write().unwrap();
         let mut cur = start;
         while cur < end {
