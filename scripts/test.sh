@@ -19,6 +19,7 @@ have certtool   || need+=(gnutls-bin)
 have nbdsh      || need+=(python3-libnbd)
 have as         || need+=(binutils)
 have iasl       || need+=(acpica-tools)
+python3 -c "import cryptography" 2>/dev/null || need+=(python3-cryptography)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
