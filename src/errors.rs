@@ -9,7 +9,7 @@ use std::fmt;
 use vdisk_formats::Error;
 
 /// A command-line mistake: printed with a `Try 'vdisk CMD --help' for more info` line after it,
-/// as qemu-img does.
+/// as qemu-img does (`qemu-img` under that name).
 #[derive(Debug)]
 pub struct UsageError {
     pub command: &'static str,
@@ -33,6 +33,43 @@ impl fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
+
+/// A failure with its own exit status: qemu-img's `compare` exits 2 on errors and 1 when the
+/// images differ, `check` exits 2, 3 or 63. Without a message the command has already said
+/// everything it had to.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: Option<String>,
+}
+
+impl Exit {
+    /// Ends the command with `code` and nothing more on stderr.
+    pub fn silently(code: u8) -> anyhow::Error {
+        Exit {
+            code,
+            message: None,
+        }
+        .into()
+    }
+
+    /// Ends the command with `code` after printing `message` as an error.
+    pub fn with(code: u8, message: impl Into<String>) -> anyhow::Error {
+        Exit {
+            code,
+            message: Some(message.into()),
+        }
+        .into()
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message.as_deref().unwrap_or(""))
+    }
+}
+
+impl std::error::Error for Exit {}
 
 /// The message of a block-layer error without its leading file name; an OS error comes out as
 /// `WHAT 'FILE': strerror`, as QEMU phrases them (`Could not open 'x': No such file or directory`).

@@ -1,17 +1,23 @@
 //! `vdisk`: qemu-img compatible disk image tools.
 //!
 //! This binary only parses the command line and prints; the image work is done by
-//! `vdisk_formats`. Errors print as `vdisk: <message>` and exit with status 1, as qemu-img's do.
+//! `vdisk_formats`. Errors print as `vdisk: <message>` and exit with status 1, as qemu-img's do
+//! (commands with other statuses, like `compare` and `check`, return an [`errors::Exit`]).
+//! Run as `qemu-img` (a link to this binary), it answers as qemu-img (see `prog.rs`).
 
 mod cmd;
 mod errors;
+mod image_args;
 mod numbers;
 mod options;
 mod output;
+mod prog;
+mod progress;
+mod qemu_img;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Virtual disk image tools, a drop-in replacement for qemu-img.
 #[derive(Parser)]
@@ -26,11 +32,31 @@ enum Command {
     Create(cmd::create::Args),
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
+    Convert(cmd::convert::Args),
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv0 = args
+        .first()
+        .map_or(std::ffi::OsStr::new("vdisk"), |a| a.as_os_str());
+    let personality = prog::personality_of(argv0);
+    prog::set(personality);
+    let mut command = Cli::command();
+    if personality == prog::Personality::QemuImg {
+        command = command.name("qemu-img").bin_name("qemu-img");
+        if let Some(code) = qemu_img::top_level(&args, &command) {
+            return code;
+        }
+    }
+    let parsed = command
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
+        Err(e) if personality == prog::Personality::QemuImg => {
+            return qemu_img::clap_error(&e, &args)
+        }
         Err(e) => {
             let _ = e.print();
             // Help and version go to stdout and succeed; usage mistakes exit 1 like qemu-img's.
@@ -45,13 +71,21 @@ fn main() -> ExitCode {
         Command::Create(args) => cmd::create::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vdisk: {e:#}");
+            let prog = prog::name();
+            if let Some(exit) = e.downcast_ref::<errors::Exit>() {
+                if let Some(message) = &exit.message {
+                    eprintln!("{prog}: {message}");
+                }
+                return ExitCode::from(exit.code);
+            }
+            eprintln!("{prog}: {e:#}");
             if let Some(usage) = e.downcast_ref::<errors::UsageError>() {
-                eprintln!("Try 'vdisk {} --help' for more info", usage.command);
+                eprintln!("Try '{prog} {} --help' for more info", usage.command);
             }
             ExitCode::from(1)
         }

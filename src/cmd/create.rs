@@ -161,7 +161,7 @@ fn image_size(text: &str) -> Result<u64> {
 
 /// `-o help`: the options of the format. Without a file name qemu-img adds that the protocol may
 /// know more options.
-fn print_help(format: Format, with_file: bool) -> Result<()> {
+pub(crate) fn print_help(format: Format, with_file: bool) -> Result<()> {
     if format == Format::Luks {
         bail!("creating LUKS images is not supported yet");
     }

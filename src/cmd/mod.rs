@@ -2,5 +2,6 @@
 //! `run()`.
 
 pub mod bench;
+pub mod convert;
 pub mod create;
 pub mod info;

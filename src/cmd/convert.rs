@@ -1,0 +1,298 @@
+//! `vdisk convert`: copy one or more images (concatenated) into a new image of any format.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use vdisk_formats::convert::{convert, ConvertOptions};
+use vdisk_formats::image::create_options_help;
+use vdisk_formats::{BlockDev, CreateOptions, Format};
+
+use crate::errors::describe;
+use crate::image_args::{check_cache_mode, parse_target_format, ImageRef};
+use crate::numbers::{parse_int_in, parse_size_arg};
+use crate::options;
+use crate::progress::Progress;
+
+/// Copy one image to another with optional format conversion.
+///
+/// The sources are read in order and concatenated into TGT_FILENAME, which is created (replacing
+/// an existing file) unless -n is given. Ranges that read as zero are not written (see -S), so
+/// the copy stays sparse; with -c every cluster is stored compressed (qcow2 only). With -B the new
+/// image is an overlay of BACKING_FILENAME and only what differs from it is written.
+///
+/// Examples:
+///
+///   vdisk convert -O qcow2 disk.raw disk.qcow2
+///
+///   vdisk convert -p -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2
+///
+///   vdisk convert -f qcow2 -O raw disk.qcow2 disk.raw
+///
+///   vdisk convert -O qcow2 -B base.qcow2 -F qcow2 vm.qcow2 delta.qcow2
+///
+///   vdisk convert -n --target-is-zero -O raw disk.qcow2 /dev/sdb
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Format of the source images (raw, qcow2); probed when not given
+    #[arg(short = 'f', long = "source-format", value_name = "SRC_FMT")]
+    source_format: Option<String>,
+
+    /// The source names are option strings (driver=qcow2,file.filename=disk.qcow2)
+    #[arg(long = "source-image-opts", visible_alias = "image-opts")]
+    image_opts: bool,
+
+    /// Copy this internal snapshot of the source (snapshot.name=NAME, snapshot.id=ID, or NAME)
+    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT_PARAMS")]
+    snapshot: Option<String>,
+
+    /// Format of the target image (default raw)
+    #[arg(short = 'O', long = "target-format", value_name = "TGT_FMT")]
+    target_format: Option<String>,
+
+    /// The target name is an option string (needs -n)
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
+
+    /// Options of the new image, as in `create -o`; `-o help` lists them
+    #[arg(short = 'o', long = "target-options", value_name = "TGT_OPTS")]
+    options: Vec<String>,
+
+    /// Store the data as compressed clusters (qcow2 only)
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+
+    /// Make the target an overlay of BACKING_FILENAME, writing only what differs from it
+    #[arg(
+        short = 'B',
+        short_alias = 'b',
+        long = "backing",
+        value_name = "BACKING_FILENAME"
+    )]
+    backing: Option<String>,
+
+    /// Format of BACKING_FILENAME (required with -B)
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+
+    /// Do not create the target: write into an existing image
+    #[arg(short = 'n', long = "no-create")]
+    no_create: bool,
+
+    /// The existing target (-n) already reads as zero everywhere: zero ranges are not written
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+
+    /// Zero runs of at least this size (multiple of 512, at most 16M) are left unwritten; 0
+    /// writes every byte (default 4k)
+    #[arg(
+        short = 'S',
+        long = "sparse-size",
+        value_name = "SPARSE_SIZE",
+        allow_hyphen_values = true
+    )]
+    sparse_size: Option<String>,
+
+    /// Number of parallel workers, 1 to 16 (default 8)
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        value_name = "NUM",
+        allow_hyphen_values = true
+    )]
+    parallel: Option<String>,
+
+    /// Write chunks as soon as they are ready instead of in order
+    #[arg(short = 'W', long = "oob-writes")]
+    out_of_order: bool,
+
+    /// Use copy offloading (accepted; vdisk copies through its own buffers)
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    copy_range: bool,
+
+    /// Turn read errors into zeroes, with a warning for each, instead of failing
+    #[arg(long = "salvage")]
+    salvage: bool,
+
+    /// Copy persistent dirty bitmaps (not supported: vdisk images carry none)
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+
+    /// With --bitmaps, skip broken bitmaps
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
+
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+
+    /// Print nothing but errors
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+
+    /// Cache mode of the target (accepted; vdisk uses the host page cache)
+    #[arg(short = 't', long = "target-cache", value_name = "TGT_CACHE")]
+    target_cache: Option<String>,
+
+    /// Cache mode of the sources (accepted; vdisk uses the host page cache)
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
+
+    /// I/O rate limit in bytes per second (accepted, not enforced)
+    #[arg(short = 'r', long = "rate", value_name = "RATE")]
+    rate: Option<String>,
+
+    /// Open the sources in shared mode (accepted; vdisk takes no image locks)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+
+    /// A secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
+    #[arg(long = "object", value_name = "OBJDEF")]
+    object: Vec<String>,
+
+    /// Source images, then the target image
+    #[arg(value_name = "SRC_FILENAME... TGT_FILENAME")]
+    files: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    check_cache_mode(args.target_cache.as_deref(), "")?;
+    check_cache_mode(args.source_cache.as_deref(), "source ")?;
+    let list = options::parse_lists(&args.options)?;
+    let target_format = parse_target_format(args.target_format.as_deref().unwrap_or("raw"))?;
+    if list.help {
+        return crate::cmd::create::print_help(target_format, false);
+    }
+    let sparse_size = match args.sparse_size.as_deref() {
+        None => 4096,
+        Some(text) => sparse_size(text)?,
+    };
+    let threads = match args.parallel.as_deref() {
+        None => 8,
+        Some(text) => parse_int_in(text, 1, 16).map_err(|_| {
+            anyhow!("Invalid number of coroutines specified. Must be between 1 and 16.")
+        })? as usize,
+    };
+    if args.target_is_zero && !args.no_create {
+        bail!("--target-is-zero requires use of -n flag");
+    }
+    if args.target_image_opts && !args.no_create {
+        bail!("--target-image-opts requires use of -n flag");
+    }
+    if args.files.len() < 2 {
+        bail!("Must specify image file name");
+    }
+    if args.compress && target_format != Format::Qcow2 {
+        bail!("Compression not supported for this file format");
+    }
+    if args.backing.is_some() && target_format != Format::Qcow2 {
+        bail!("Backing file not supported for file format '{target_format}'");
+    }
+    if args.backing.is_some() && args.backing_format.is_none() {
+        bail!("Use of backing file requires explicit backing format");
+    }
+    if args.bitmaps {
+        bail!("Source lacks bitmap support");
+    }
+
+    let (target_name, source_names) = args.files.split_last().expect("two names or more");
+    let mut sources = Vec::new();
+    for name in source_names {
+        let image = ImageRef::parse(name, args.source_format.as_deref(), args.image_opts)?;
+        if args.snapshot.is_some() {
+            // Reading an internal snapshot needs the snapshot support of the qcow2 driver.
+            bail!("Failed to load snapshot: Can't find snapshot");
+        }
+        sources.push(image.open(true, false)?);
+    }
+    let total: u64 = sources.iter().map(|s| s.size()).sum();
+
+    let target = if args.no_create {
+        let image = if args.target_image_opts {
+            ImageRef::parse(target_name, None, true)?
+        } else {
+            ImageRef::file(target_name, args.target_format.as_deref())
+        };
+        let dev = image.open(false, false)?;
+        if dev.size() < total {
+            bail!("output file is smaller than input file");
+        }
+        dev
+    } else {
+        create_target(&args, target_name, target_format, total, &list.pairs)?
+    };
+    if args.compress && target.compressed_cluster_size().is_none() {
+        bail!("Compression not supported for this file format");
+    }
+
+    let progress = Progress::new(args.progress && !args.quiet);
+    let report = |done: u64, all: u64| progress.update(done, all);
+    let warn = |msg: &str| eprintln!("{}: {msg}", crate::prog::name());
+    let opts = ConvertOptions {
+        compress: args.compress,
+        sparse_size,
+        threads,
+        out_of_order: args.out_of_order,
+        target_is_zero: if args.no_create {
+            args.target_is_zero
+        } else {
+            args.backing.is_none()
+        },
+        skip_identical: args.backing.is_some(),
+        salvage: args.salvage,
+        progress: Some(&report),
+        warn: Some(&warn),
+    };
+    let result = convert(&sources, &target, &opts);
+    progress.finish(result.is_ok());
+    result.map_err(|e| anyhow!("error while converting: {}", describe(&e)))
+}
+
+/// `-S`: a multiple of 512 up to 16 MiB, or 0.
+fn sparse_size(text: &str) -> Result<u64> {
+    let n = parse_size_arg(text)
+        .map_err(|_| anyhow!("Invalid buffer size for sparse output specified: '{text}'."))?;
+    if n % 512 != 0 || n > 16 << 20 {
+        bail!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up \
+             to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+        );
+    }
+    Ok(n)
+}
+
+/// Creates the target with the `-o` options, the sources' total size and the `-B` backing file,
+/// and opens it. Errors read `TARGET: error while converting FMT: ...` as qemu-img's do.
+fn create_target(
+    args: &Args,
+    name: &str,
+    format: Format,
+    size: u64,
+    pairs: &[(String, String)],
+) -> Result<Arc<dyn BlockDev>> {
+    let checked = options::check_types(pairs, create_options_help(format))?;
+    let mut pairs: Vec<(String, String)> = checked
+        .iter()
+        .filter(|o| o.name != "size")
+        .map(|o| (o.name.clone(), o.canonical()))
+        .collect();
+    if let Some(b) = &args.backing {
+        pairs.push(("backing_file".into(), b.clone()));
+    }
+    if let Some(f) = &args.backing_format {
+        pairs.push(("backing_fmt".into(), f.clone()));
+    }
+    let failed = |why: String| anyhow!("{name}: error while converting {format}: {why}");
+    let opts =
+        CreateOptions::from_pairs(format, Some(size), &pairs).map_err(|e| failed(describe(&e)))?;
+    let opts = match opts {
+        // The target takes the sources' size even when it has a backing file.
+        CreateOptions::Qcow2(mut q) => {
+            q.size = Some(size);
+            CreateOptions::Qcow2(q)
+        }
+        other => other,
+    };
+    vdisk_formats::create(name.as_ref(), &opts).map_err(|e| failed(describe(&e)))?;
+    ImageRef::file(name, Some(format.name())).open(false, false)
+}

@@ -1,0 +1,203 @@
+//! The arguments every qemu-img command shares: how an image is named (`FILENAME` with `-f FMT`, or
+//! an `--image-opts` option string), cache modes, `--output`, and opening an image with qemu-img's
+//! error messages.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use vdisk_formats::{BlockDev, Format, OpenOptions};
+
+use crate::errors::{describe, UsageError};
+use crate::options::parse_lists;
+
+/// An image as a command names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The file to open.
+    pub path: PathBuf,
+    /// How messages name the image: the file name, or the whole `--image-opts` string.
+    pub display: String,
+    /// The format name asked for (`-f` or `driver=`); probed when `None`.
+    pub format: Option<String>,
+    /// The id of the `--object secret` that unlocks an encrypted image (`key-secret=`).
+    pub key_secret: Option<String>,
+}
+
+impl ImageRef {
+    /// A plain file name with an optional `-f` format.
+    pub fn file(name: &str, format: Option<&str>) -> ImageRef {
+        ImageRef {
+            path: PathBuf::from(name),
+            display: name.to_string(),
+            format: format.map(str::to_string),
+            key_secret: None,
+        }
+    }
+
+    /// FILENAME as the command line gives it: with `image_opts` an option string such as
+    /// `driver=qcow2,file.filename=disk.qcow2`, else a file name read with `format`.
+    pub fn parse(arg: &str, format: Option<&str>, image_opts: bool) -> Result<ImageRef> {
+        if !image_opts {
+            return Ok(ImageRef::file(arg, format));
+        }
+        if format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
+        let could_not_open = |why: String| anyhow!("Could not open '{arg}': {why}");
+        if !arg.contains('=') {
+            return Err(could_not_open(format!(
+                "Cannot find device='{arg}' nor node-name='{arg}'"
+            )));
+        }
+        let list = parse_lists(&[arg.to_string()])?;
+        let mut image = ImageRef {
+            path: PathBuf::new(),
+            display: arg.to_string(),
+            format: None,
+            key_secret: None,
+        };
+        let mut file = None;
+        let mut unknown = None;
+        for (key, value) in &list.pairs {
+            match key.as_str() {
+                "driver" => image.format = Some(value.clone()),
+                "file.filename" | "file" => file = Some(value.clone()),
+                "file.driver" if value == "file" => {}
+                "key-secret" | "encrypt.key-secret" => image.key_secret = Some(value.clone()),
+                "filename" if image.format.is_none() => {
+                    return Err(could_not_open("Must specify either driver or file".into()))
+                }
+                _ => unknown = unknown.or(Some(key.clone())),
+            }
+        }
+        let Some(file) = file else {
+            return Err(could_not_open(
+                "A block device must be specified for \"file\"".into(),
+            ));
+        };
+        if let Some(key) = unknown {
+            let driver = image.format.as_deref().unwrap_or("raw");
+            return Err(could_not_open(format!(
+                "Block format '{driver}' does not support the option '{key}'"
+            )));
+        }
+        image.path = PathBuf::from(file);
+        Ok(image)
+    }
+
+    /// Opens the image (its backing chain too, unless `no_backing`), with qemu-img's
+    /// `Could not open 'FILE': ...` messages.
+    pub fn open(&self, read_only: bool, no_backing: bool) -> Result<Arc<dyn BlockDev>> {
+        let format = self.format_or_probe(read_only)?;
+        let opts = OpenOptions {
+            format: Some(format),
+            read_only,
+            no_backing,
+        };
+        vdisk_formats::open(&self.path, opts).map_err(|e| self.could_not_open(describe(&e)))
+    }
+
+    /// The format asked for, or the probed one. Opening a probed raw image for writing prints
+    /// qemu-img's warning about writes to block 0.
+    pub fn format_or_probe(&self, read_only: bool) -> Result<Format> {
+        if let Some(name) = &self.format {
+            return parse_driver(name).map_err(|e| self.could_not_open(e.to_string()));
+        }
+        let format =
+            vdisk_formats::probe(&self.path).map_err(|e| self.could_not_open(describe(&e)))?;
+        if format == Format::Raw && !read_only {
+            eprintln!(
+                "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+                 Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+                 Specify the 'raw' format explicitly to remove the restrictions.",
+                self.display
+            );
+        }
+        Ok(format)
+    }
+
+    /// `Could not open 'FILE': WHY`.
+    pub fn could_not_open(&self, why: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("Could not open '{}': {why}", self.display)
+    }
+}
+
+/// A format name as `-f` or `driver=` takes it, with the message qemu gives for unknown ones.
+pub fn parse_driver(name: &str) -> Result<Format> {
+    Format::from_name(name).map_err(|_| anyhow!("Unknown driver '{name}'"))
+}
+
+/// A target format name as `-O` takes it.
+pub fn parse_target_format(name: &str) -> Result<Format> {
+    Format::from_name(name).map_err(|_| anyhow!("Unknown file format '{name}'"))
+}
+
+/// Checks a `-t`/`-T` cache mode; vdisk always goes through the host page cache, so a valid mode
+/// changes nothing. `which` is `""`, `"source "` or `"backing "` as the message needs.
+pub fn check_cache_mode(mode: Option<&str>, which: &str) -> Result<()> {
+    match mode {
+        None | Some("none" | "writeback" | "writethrough" | "directsync" | "unsafe") => Ok(()),
+        Some(other) => bail!("Invalid {which}cache option: {other}"),
+    }
+}
+
+/// `--output human|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+impl Output {
+    /// Reads `--output` for `command`, with qemu-img's usage error for other values.
+    pub fn parse(text: Option<&str>, command: &'static str) -> Result<Output> {
+        match text {
+            None | Some("human") => Ok(Output::Human),
+            Some("json") => Ok(Output::Json),
+            Some(other) => Err(UsageError::error(
+                command,
+                format!("--output expects 'human' or 'json' not '{other}'"),
+            )),
+        }
+    }
+}
+
+/// The path a relative backing name stands for, seen from the image that stores it.
+pub fn backing_path(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_opts_name_the_file_and_the_driver() {
+        let r = ImageRef::parse("driver=qcow2,file.filename=a,,b.qcow2", None, true).unwrap();
+        assert_eq!(r.path, Path::new("a,b.qcow2"));
+        assert_eq!(r.format.as_deref(), Some("qcow2"));
+        let err = ImageRef::parse("disk.img", None, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Could not open 'disk.img': Cannot find device='disk.img' nor node-name='disk.img'"
+        );
+        let err = ImageRef::parse("file.filename=x,foo=1", None, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Could not open 'file.filename=x,foo=1': Block format 'raw' does not support the option 'foo'"
+        );
+        let err = ImageRef::parse("driver=raw,file.filename=x", Some("raw"), true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--image-opts and --format are mutually exclusive"
+        );
+    }
+}
