@@ -414,12 +414,19 @@ impl Checker {
         }
         let new_len = offset + cs;
         let clusters = new_len.div_ceil(cs);
-        // Refuse before touching the file when the array could not follow.
+        // A file the in-memory array could not follow is treated like one the file system
+        // refuses to grow (QEMU would make it sparse, then run out of memory or not): the
+        // structure is rebuilt instead.
         let bytes = (clusters << self.img.header.refcount_order).div_ceil(8);
-        if clusters > MAX_ARRAY_CLUSTERS || bytes > MAX_ARRAY_BYTES {
-            return Err(GrowError::Array(Fail::no_memory()));
+        let grown = if clusters > MAX_ARRAY_CLUSTERS || bytes > MAX_ARRAY_BYTES {
+            Err(Fail::too_large())
+        } else {
+            self.img.set_len(new_len)
+        };
+        if let Err(e) = grown {
+            self.report(format!("Could not resize file: {}", e.errno));
+            return Err(GrowError::Resize(e));
         }
-        self.img.set_len(new_len).map_err(GrowError::Resize)?;
         let clusters = self.img.file_len().div_ceil(cs);
         self.grow_array(arr, clusters.max(arr.len()))
             .map_err(GrowError::Array)?;
