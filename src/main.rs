@@ -33,6 +33,8 @@ enum Command {
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
     Convert(cmd::convert::Args),
+    Map(cmd::map::Args),
+    Compare(cmd::compare::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +74,8 @@ fn main() -> ExitCode {
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Map(args) => cmd::map::run(args),
+        Command::Compare(args) => cmd::compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

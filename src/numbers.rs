@@ -85,6 +85,24 @@ pub fn parse_size_arg(text: &str) -> Result<u64, NumError> {
     })
 }
 
+/// Reads a size argument as qemu-img's `cvtnum` does, for values that must fit a signed 64-bit
+/// number; `what` names the argument in the messages (`Invalid image size specified: '1X'.`,
+/// `Invalid start offset specified. Must be between 0 and 9223372036854775807.`).
+pub fn cvtnum(what: &str, text: &str) -> anyhow::Result<u64> {
+    cvtnum_in(what, text, 0, i64::MAX as u64)
+}
+
+/// [`cvtnum`] with the bounds of the argument.
+pub fn cvtnum_in(what: &str, text: &str, min: u64, max: u64) -> anyhow::Result<u64> {
+    match parse_size_arg(text) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) | Err(NumError::Range) => Err(anyhow::anyhow!(
+            "Invalid {what} specified. Must be between {min} and {max}."
+        )),
+        Err(NumError::Invalid) => Err(anyhow::anyhow!("Invalid {what} specified: '{text}'.")),
+    }
+}
+
 /// Whether `t` has the shape of a size (digits, an optional fraction, an optional known suffix;
 /// a fraction only with a suffix), so that a failure to parse it can only mean overflow.
 fn looks_like_size(t: &str) -> bool {

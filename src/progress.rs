@@ -97,7 +97,7 @@ impl Progress {
         match self.style {
             Style::Off => {}
             Style::Percent => {
-                if complete {
+                if complete && s.last_percent != Some(10_000) {
                     print_percent(10_000);
                 }
                 println!();

@@ -7,7 +7,7 @@ use vdisk_formats::image::create_options_help;
 use vdisk_formats::{CreateOptions, Format};
 
 use crate::errors::{describe, UsageError};
-use crate::numbers::{parse_size_arg, NumError};
+use crate::numbers::cvtnum;
 use crate::options::{self, CheckedOption, Typed};
 
 /// Create a new disk image.
@@ -149,14 +149,7 @@ fn parse_format(name: &str) -> Result<Format> {
 
 /// SIZE as qemu-img checks it: a size that fits a signed 64-bit number.
 fn image_size(text: &str) -> Result<u64> {
-    match parse_size_arg(text) {
-        Ok(n) if n <= i64::MAX as u64 => Ok(n),
-        Ok(_) | Err(NumError::Range) => Err(anyhow!(
-            "Invalid image size specified. Must be between 0 and {}.",
-            i64::MAX
-        )),
-        Err(NumError::Invalid) => Err(anyhow!("Invalid image size specified: '{text}'.")),
-    }
+    cvtnum("image size", text)
 }
 
 /// `-o help`: the options of the format. Without a file name qemu-img adds that the protocol may

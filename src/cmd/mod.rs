@@ -2,6 +2,8 @@
 //! `run()`.
 
 pub mod bench;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod map;
