@@ -90,6 +90,16 @@ impl ImageRef {
     /// `Could not open 'FILE': ...` messages.
     pub fn open(&self, read_only: bool, no_backing: bool) -> Result<Arc<dyn BlockDev>> {
         let format = self.format_or_probe(read_only)?;
+        self.open_as(format, read_only, no_backing)
+    }
+
+    /// Opens the image as `format` (already chosen with [`ImageRef::format_or_probe`]).
+    pub fn open_as(
+        &self,
+        format: Format,
+        read_only: bool,
+        no_backing: bool,
+    ) -> Result<Arc<dyn BlockDev>> {
         let opts = OpenOptions {
             format: Some(format),
             read_only,

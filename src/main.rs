@@ -35,6 +35,8 @@ enum Command {
     Convert(cmd::convert::Args),
     Map(cmd::map::Args),
     Compare(cmd::compare::Args),
+    Check(cmd::check::Args),
+    Snapshot(cmd::snapshot::Args),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +78,8 @@ fn main() -> ExitCode {
         Command::Convert(args) => cmd::convert::run(args),
         Command::Map(args) => cmd::map::run(args),
         Command::Compare(args) => cmd::compare::run(args),
+        Command::Check(args) => cmd::check::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

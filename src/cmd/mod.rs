@@ -2,8 +2,10 @@
 //! `run()`.
 
 pub mod bench;
+pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod map;
+pub mod snapshot;

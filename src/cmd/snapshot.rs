@@ -1,0 +1,198 @@
+//! `vdisk snapshot`: list, create, apply and delete the internal snapshots of a qcow2 image.
+
+use anyhow::{anyhow, Result};
+use vdisk_formats::qcow2::snapshot;
+use vdisk_formats::{Format, SnapshotInfo};
+
+use crate::errors::{describe, UsageError};
+use crate::image_args::ImageRef;
+use crate::output::human_size;
+
+/// List or manipulate snapshots within an image.
+///
+/// A snapshot saves the current contents of a qcow2 image inside the image itself; applying it
+/// later brings those contents back. -l (the default) lists them, -c takes one, -a reverts to one
+/// (found by id, else by name), -d deletes one (by name).
+///
+/// Examples:
+///
+///   vdisk snapshot -c before-upgrade disk.qcow2
+///
+///   vdisk snapshot -l disk.qcow2
+///
+///   vdisk snapshot -a before-upgrade disk.qcow2
+#[derive(clap::Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Format of the image; probed when not given
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+
+    /// FILENAME is an option string (driver=qcow2,file.filename=disk.qcow2)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+
+    /// List the snapshots (the default)
+    #[arg(short = 'l', long = "list")]
+    list: bool,
+
+    /// Take a snapshot called SNAPSHOT
+    #[arg(short = 'c', long = "create", value_name = "SNAPSHOT")]
+    create: Option<String>,
+
+    /// Revert the image to SNAPSHOT
+    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT")]
+    apply: Option<String>,
+
+    /// Delete SNAPSHOT
+    #[arg(short = 'd', long = "delete", value_name = "SNAPSHOT")]
+    delete: Option<String>,
+
+    /// Print nothing but errors
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+
+    /// Open the image in shared mode (accepted; vdisk takes no image locks)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+
+    /// A secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
+    #[arg(long = "object", value_name = "OBJDEF")]
+    object: Vec<String>,
+
+    /// The image
+    #[arg(value_name = "FILENAME")]
+    filename: Option<String>,
+
+    /// More file names, refused with qemu-img's message
+    #[arg(hide = true, allow_hyphen_values = true)]
+    extra: Vec<String>,
+}
+
+enum Action<'a> {
+    List,
+    Create(&'a str),
+    Apply(&'a str),
+    Delete(&'a str),
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut actions = Vec::new();
+    if args.list {
+        actions.push(Action::List);
+    }
+    if let Some(n) = &args.create {
+        actions.push(Action::Create(n));
+    }
+    if let Some(n) = &args.apply {
+        actions.push(Action::Apply(n));
+    }
+    if let Some(n) = &args.delete {
+        actions.push(Action::Delete(n));
+    }
+    if actions.len() > 1 {
+        return Err(UsageError::error(
+            "snapshot",
+            "Cannot mix '-l', '-a', '-c', '-d'",
+        ));
+    }
+    let action = actions.pop().unwrap_or(Action::List);
+    let (Some(file), true) = (args.filename.as_deref(), args.extra.is_empty()) else {
+        return Err(UsageError::error(
+            "snapshot",
+            "Expecting one image file name",
+        ));
+    };
+    let image = ImageRef::parse(file, args.format.as_deref(), args.image_opts)?;
+    let read_only = matches!(action, Action::List);
+    // Open once to report a missing or unreadable image as qemu-img does, before acting.
+    let format = image.format_or_probe(read_only)?;
+    drop(image.open_as(format, read_only, true)?);
+    let path = &image.path;
+    let unsupported = || anyhow!("Operation not supported");
+    match action {
+        Action::List => {
+            if format == Format::Qcow2 {
+                let list = snapshot::list(path).map_err(|e| anyhow!(describe(&e)))?;
+                print!("{}", table(&list));
+            }
+            Ok(())
+        }
+        Action::Create(name) => (if format == Format::Qcow2 {
+            snapshot::create(path, name)
+                .map(drop)
+                .map_err(|e| anyhow!(describe(&e)))
+        } else {
+            Err(unsupported())
+        })
+        .map_err(|e| anyhow!("Could not create snapshot '{name}': {e}")),
+        Action::Apply(name) => (if format == Format::Qcow2 {
+            snapshot::apply(path, name).map_err(|e| anyhow!(describe(&e)))
+        } else {
+            Err(unsupported())
+        })
+        .map_err(|e| anyhow!("Could not apply snapshot '{name}': {e}")),
+        Action::Delete(name) => (if format == Format::Qcow2 {
+            snapshot::delete(path, name).map_err(|e| anyhow!(describe(&e)))
+        } else {
+            Err(unsupported())
+        })
+        .map_err(|e| anyhow!("Could not delete snapshot '{name}': {e}")),
+    }
+}
+
+/// `Snapshot list:` and the table, as qemu-img prints it (nothing when there are no snapshots).
+pub fn table(snapshots: &[SnapshotInfo]) -> String {
+    if snapshots.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("Snapshot list:\n");
+    out.push_str(&format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for s in snapshots {
+        let secs = s.vm_clock_sec;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            s.vm_clock_nsec / 1_000_000
+        );
+        let icount = s.icount.map(|n| n.to_string()).unwrap_or_default();
+        out.push_str(&format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            s.id,
+            s.name,
+            human_size(s.vm_state_size),
+            local_time(s.date_sec),
+            clock,
+            icount
+        ));
+    }
+    out
+}
+
+/// `%Y-%m-%d %H:%M:%S` in local time, as qemu-img shows snapshot dates.
+fn local_time(secs: u64) -> String {
+    let t = secs as libc::time_t;
+    // SAFETY: `tm` is plain old data that localtime_r fills in; both pointers are valid for the
+    // duration of the call and localtime_r does not keep them.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return secs.to_string();
+        }
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
