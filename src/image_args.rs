@@ -133,6 +133,34 @@ impl ImageRef {
     }
 }
 
+/// The options most commands take to name and open one image: `-f`, `--image-opts`, `-U` and
+/// `--object` (flattened into each command's `Args`).
+#[derive(clap::Args, Debug)]
+pub struct ImageOpts {
+    /// Format of the image (raw, qcow2, luks); probed when not given
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+
+    /// FILENAME is an option string (driver=qcow2,file.filename=disk.qcow2)
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+
+    /// Open the image in shared mode (accepted; vdisk takes no image locks)
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+
+    /// A secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+}
+
+impl ImageOpts {
+    /// The image FILENAME names under these options.
+    pub fn image(&self, filename: &str) -> Result<ImageRef> {
+        ImageRef::parse(filename, self.format.as_deref(), self.image_opts)
+    }
+}
+
 /// A format name as `-f` or `driver=` takes it, with the message qemu gives for unknown ones.
 pub fn parse_driver(name: &str) -> Result<Format> {
     Format::from_name(name).map_err(|_| anyhow!("Unknown driver '{name}'"))

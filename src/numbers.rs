@@ -120,7 +120,7 @@ fn looks_like_size(t: &str) -> bool {
     let plain = matches!(suffix, "" | "b" | "B");
     !int.is_empty()
         && parts.next().is_none()
-        && (known_suffix || plain && frac.map_or(true, |f| f.chars().all(|c| c == '0')))
+        && (known_suffix || plain && frac.is_none_or(|f| f.chars().all(|c| c == '0')))
 }
 
 #[cfg(test)]

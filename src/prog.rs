@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 pub enum Personality {
     Vdisk,
     QemuImg,
+    QemuNbd,
 }
 
 static PERSONALITY: OnceLock<Personality> = OnceLock::new();
@@ -21,6 +22,7 @@ static PERSONALITY: OnceLock<Personality> = OnceLock::new();
 pub fn personality_of(argv0: &OsStr) -> Personality {
     match Path::new(argv0).file_name().and_then(OsStr::to_str) {
         Some("qemu-img") => Personality::QemuImg,
+        Some("qemu-nbd") => Personality::QemuNbd,
         _ => Personality::Vdisk,
     }
 }
@@ -34,11 +36,22 @@ pub fn personality() -> Personality {
     *PERSONALITY.get().unwrap_or(&Personality::Vdisk)
 }
 
-/// The name messages start with: `vdisk` or `qemu-img`.
+/// The name messages start with: `vdisk`, `qemu-img` or `qemu-nbd`.
 pub fn name() -> &'static str {
     match personality() {
         Personality::Vdisk => "vdisk",
         Personality::QemuImg => "qemu-img",
+        Personality::QemuNbd => "qemu-nbd",
+    }
+}
+
+/// Lets a closed stdout (`vdisk map ... | head`) end the process quietly, as it ends a C
+/// program, instead of failing a `println!`. Only for commands that print and hold no sockets.
+pub fn die_on_sigpipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE has no memory-safety preconditions;
+    // no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -53,6 +66,7 @@ mod tests {
             ("/usr/local/bin/qemu-img", Personality::QemuImg),
             ("./vdisk", Personality::Vdisk),
             ("qemu-img-wrapper", Personality::Vdisk),
+            ("/usr/bin/qemu-nbd", Personality::QemuNbd),
             ("/opt/qemu-img/vdisk", Personality::Vdisk),
         ] {
             assert_eq!(personality_of(OsStr::new(argv0)), p, "{argv0}");

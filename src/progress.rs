@@ -138,11 +138,7 @@ fn print_percent(hundredths: u64) {
 fn draw_bar(s: &State, now: Instant) {
     const WIDTH: u64 = 30;
     let elapsed = (now - s.start).as_secs_f64();
-    let filled = if s.total == 0 {
-        0
-    } else {
-        s.done * WIDTH / s.total
-    };
+    let filled = (s.done * WIDTH).checked_div(s.total).unwrap_or(0);
     let rate = if elapsed > 0.0 {
         s.done as f64 / elapsed
     } else {

@@ -8,7 +8,7 @@ use vdisk_formats::qcow2::Qcow2;
 use vdisk_formats::Format;
 
 use crate::errors::{describe, Exit, UsageError};
-use crate::image_args::{check_cache_mode, ImageRef, Output};
+use crate::image_args::{check_cache_mode, ImageOpts, Output};
 use crate::output::qemu_json;
 
 /// Check basic image integrity.
@@ -29,13 +29,8 @@ use crate::output::qemu_json;
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Format of the image; probed when not given
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
-    format: Option<String>,
-
-    /// FILENAME is an option string (driver=qcow2,file.filename=disk.qcow2)
-    #[arg(long = "image-opts")]
-    image_opts: bool,
+    #[command(flatten)]
+    image: ImageOpts,
 
     /// Output format: human (the default) or json
     #[arg(long = "output", value_name = "human|json")]
@@ -52,14 +47,6 @@ pub struct Args {
     /// Cache mode (accepted; vdisk uses the host page cache)
     #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
     cache: Option<String>,
-
-    /// Open the image in shared mode (read-only checks only)
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-
-    /// A secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
-    #[arg(long = "object", value_name = "OBJDEF")]
-    object: Vec<String>,
 
     /// The image to check
     #[arg(value_name = "FILENAME")]
@@ -87,8 +74,8 @@ pub fn run(args: Args) -> Result<()> {
         return Err(UsageError::error("check", "Expecting one image file name"));
     };
     check_cache_mode(args.cache.as_deref(), "source ")?;
-    let image = ImageRef::parse(file, args.format.as_deref(), args.image_opts)?;
-    if repair.is_some() && args.force_share {
+    let image = args.image.image(file)?;
+    if repair.is_some() && args.image.force_share {
         return Err(image.could_not_open("force-share=on can only be used with read-only images"));
     }
     if image.format_or_probe(repair.is_none())? != Format::Qcow2 {

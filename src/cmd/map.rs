@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Result};
 use vdisk_formats::{BlockDev, ExtentKind, OpenOptions};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{parse_driver, ImageRef, Output};
+use crate::image_args::{parse_driver, ImageOpts, ImageRef, Output};
 use crate::numbers::cvtnum;
 
 /// Dump image metadata: the mapping of guest ranges to layers and host offsets.
@@ -26,13 +26,8 @@ use crate::numbers::cvtnum;
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Format of the image (raw, qcow2, luks); probed when not given
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
-    format: Option<String>,
-
-    /// FILENAME is an option string (driver=qcow2,file.filename=disk.qcow2)
-    #[arg(long = "image-opts")]
-    image_opts: bool,
+    #[command(flatten)]
+    image: ImageOpts,
 
     /// Output format: human (the default) or json
     #[arg(long = "output", value_name = "human|json")]
@@ -49,14 +44,6 @@ pub struct Args {
     /// Describe at most this many bytes
     #[arg(long = "max-length", value_name = "LENGTH", allow_hyphen_values = true)]
     max_length: Option<String>,
-
-    /// Open the image in shared mode (accepted; vdisk takes no image locks)
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-
-    /// A secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
-    #[arg(long = "object", value_name = "OBJDEF")]
-    object: Vec<String>,
 
     /// The image to describe
     #[arg(value_name = "FILENAME")]
@@ -115,6 +102,7 @@ struct Layer {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    crate::prog::die_on_sigpipe();
     let output = Output::parse(args.output.as_deref(), "map")?;
     let (Some(file), true) = (args.filename.as_deref(), args.extra.is_empty()) else {
         return Err(UsageError::error("map", "Expecting one image file name"));
@@ -127,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(t) => cvtnum("max length", t)?,
         None => i64::MAX as u64,
     };
-    let image = ImageRef::parse(file, args.format.as_deref(), args.image_opts)?;
+    let image = args.image.image(file)?;
     let dev = image.open(true, false)?;
     let layers = chain_layers(&image)?;
     let end = dev.size().min(start.saturating_add(max_length));

@@ -5,7 +5,7 @@ use vdisk_formats::qcow2::snapshot;
 use vdisk_formats::{Format, SnapshotInfo};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::ImageRef;
+use crate::image_args::ImageOpts;
 use crate::output::human_size;
 
 /// List or manipulate snapshots within an image.
@@ -24,13 +24,8 @@ use crate::output::human_size;
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Format of the image; probed when not given
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
-    format: Option<String>,
-
-    /// FILENAME is an option string (driver=qcow2,file.filename=disk.qcow2)
-    #[arg(long = "image-opts")]
-    image_opts: bool,
+    #[command(flatten)]
+    image: ImageOpts,
 
     /// List the snapshots (the default)
     #[arg(short = 'l', long = "list")]
@@ -51,14 +46,6 @@ pub struct Args {
     /// Print nothing but errors
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-
-    /// Open the image in shared mode (accepted; vdisk takes no image locks)
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-
-    /// A secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
-    #[arg(long = "object", value_name = "OBJDEF")]
-    object: Vec<String>,
 
     /// The image
     #[arg(value_name = "FILENAME")]
@@ -103,7 +90,7 @@ pub fn run(args: Args) -> Result<()> {
             "Expecting one image file name",
         ));
     };
-    let image = ImageRef::parse(file, args.format.as_deref(), args.image_opts)?;
+    let image = args.image.image(file)?;
     let read_only = matches!(action, Action::List);
     // Open once to report a missing or unreadable image as qemu-img does, before acting.
     let format = image.format_or_probe(read_only)?;
