@@ -37,6 +37,9 @@ enum Command {
     Compare(cmd::compare::Args),
     Check(cmd::check::Args),
     Snapshot(cmd::snapshot::Args),
+    Resize(cmd::resize::Args),
+    Measure(cmd::measure::Args),
+    Dd(cmd::dd::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,9 @@ fn main() -> ExitCode {
         Command::Compare(args) => cmd::compare::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Snapshot(args) => cmd::snapshot::run(args),
+        Command::Resize(args) => cmd::resize::run(args),
+        Command::Measure(args) => cmd::measure::run(args),
+        Command::Dd(args) => cmd::dd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
