@@ -224,20 +224,26 @@ fn qemu_written(cfg: Config) {
     assert_extents_agree(&*vdisk_open(&img, true), &img, &what);
 }
 
-/// Every configuration of one cluster size.
-fn matrix(cluster: u64) -> Vec<Config> {
-    let mut out: Vec<Config> = [1, 2, 4, 8, 16, 32, 64]
+/// The refcount widths, compat=1.1, no preallocation.
+fn widths(cluster: u64) -> Vec<Config> {
+    [1, 2, 4, 8, 16, 32, 64]
         .iter()
         .map(|&bits| Config::new(cluster, bits))
-        .collect();
-    out.push(Config {
-        compat: "0.10",
-        ..Config::new(cluster, 16)
-    });
-    out.push(Config {
-        lazy: true,
-        ..Config::new(cluster, 16)
-    });
+        .collect()
+}
+
+/// compat=0.10, lazy refcounts and the preallocation modes.
+fn options(cluster: u64) -> Vec<Config> {
+    let mut out = vec![
+        Config {
+            compat: "0.10",
+            ..Config::new(cluster, 16)
+        },
+        Config {
+            lazy: true,
+            ..Config::new(cluster, 16)
+        },
+    ];
     for prealloc in ["metadata", "falloc", "full"] {
         out.push(Config {
             prealloc,
@@ -256,31 +262,54 @@ fn matrix(cluster: u64) -> Vec<Config> {
     out
 }
 
-fn run_matrix(cluster: u64) {
-    for (i, cfg) in matrix(cluster).into_iter().enumerate() {
-        vdisk_written(cfg, cluster ^ (i as u64) << 32);
+fn run_matrix(configs: Vec<Config>) {
+    for (i, cfg) in configs.into_iter().enumerate() {
+        vdisk_written(
+            cfg,
+            cfg.cluster ^ u64::from(cfg.refcount_bits) << 16 ^ (i as u64) << 32,
+        );
         qemu_written(cfg);
     }
 }
 
 #[test]
-fn matrix_512_byte_clusters() {
-    run_matrix(512);
+fn matrix_512_byte_clusters_refcount_widths() {
+    run_matrix(widths(512));
 }
 
 #[test]
-fn matrix_4k_clusters() {
-    run_matrix(4 * K);
+fn matrix_512_byte_clusters_compat_lazy_prealloc() {
+    run_matrix(options(512));
 }
 
 #[test]
-fn matrix_64k_clusters() {
-    run_matrix(64 * K);
+fn matrix_4k_clusters_refcount_widths() {
+    run_matrix(widths(4 * K));
 }
 
 #[test]
-fn matrix_2m_clusters() {
-    run_matrix(2 * M);
+fn matrix_4k_clusters_compat_lazy_prealloc() {
+    run_matrix(options(4 * K));
+}
+
+#[test]
+fn matrix_64k_clusters_refcount_widths() {
+    run_matrix(widths(64 * K));
+}
+
+#[test]
+fn matrix_64k_clusters_compat_lazy_prealloc() {
+    run_matrix(options(64 * K));
+}
+
+#[test]
+fn matrix_2m_clusters_refcount_widths() {
+    run_matrix(widths(2 * M));
+}
+
+#[test]
+fn matrix_2m_clusters_compat_lazy_prealloc() {
+    run_matrix(options(2 * M));
 }
 
 /// The kind and host offset of the cluster at `guest`, from `qemu-img map`.

@@ -161,7 +161,12 @@ impl Model {
     /// After a discard each byte reads either its old value or zero.
     pub fn discard(&mut self, offset: u64, len: u64) {
         self.each_chunk(offset, len, |c, r, _| {
-            for l in &mut c.loose[r] {
+            let loose = &mut c.loose[r];
+            if !loose.contains(&ANY) {
+                loose.fill(OLD_OR_ZERO);
+                return;
+            }
+            for l in loose {
                 *l = (*l).max(OLD_OR_ZERO);
             }
         });
