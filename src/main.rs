@@ -6,14 +6,20 @@
 //! Run as `qemu-img` (a link to this binary), it answers as qemu-img (see `prog.rs`).
 
 mod cmd;
+mod daemon;
 mod errors;
+mod export;
 mod image_args;
+mod mounts;
+mod nbd_list;
 mod numbers;
+mod objects;
 mod options;
 mod output;
 mod prog;
 mod progress;
 mod qemu_img;
+mod tuned;
 
 use std::process::ExitCode;
 
@@ -32,6 +38,12 @@ enum Command {
     Create(cmd::create::Args),
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
+    Serve(Box<cmd::serve::Args>),
+    Connect(cmd::connect::Args),
+    Disconnect(cmd::disconnect::Args),
+    Mount(cmd::mount::Args),
+    Umount(cmd::umount::Args),
+    Boot(cmd::boot::Args),
     Convert(cmd::convert::Args),
     Map(cmd::map::Args),
     Compare(cmd::compare::Args),
@@ -49,6 +61,9 @@ fn main() -> ExitCode {
         .map_or(std::ffi::OsStr::new("vdisk"), |a| a.as_os_str());
     let personality = prog::personality_of(argv0);
     prog::set(personality);
+    if personality == prog::Personality::QemuNbd {
+        return cmd::qemu_nbd::main();
+    }
     let mut command = Cli::command();
     if personality == prog::Personality::QemuImg {
         command = command.name("qemu-img").bin_name("qemu-img");
@@ -78,6 +93,12 @@ fn main() -> ExitCode {
         Command::Create(args) => cmd::create::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Serve(args) => cmd::serve::run(*args),
+        Command::Connect(args) => cmd::connect::run(args),
+        Command::Disconnect(args) => cmd::disconnect::run(args),
+        Command::Mount(args) => cmd::mount::run(args),
+        Command::Umount(args) => cmd::umount::run(args),
+        Command::Boot(args) => cmd::boot::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Map(args) => cmd::map::run(args),
         Command::Compare(args) => cmd::compare::run(args),

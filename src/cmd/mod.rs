@@ -2,13 +2,20 @@
 //! `run()`.
 
 pub mod bench;
+pub mod boot;
 pub mod check;
 pub mod compare;
+pub mod connect;
 pub mod convert;
 pub mod create;
 pub mod dd;
+pub mod disconnect;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod mount;
+pub mod qemu_nbd;
 pub mod resize;
+pub mod serve;
 pub mod snapshot;
+pub mod umount;
