@@ -197,25 +197,28 @@ fn overlapping_writes_leave_one_writers_bytes() {
     }
 }
 
-#[test]
-fn discard_and_write_zeroes_race_with_writes_in_the_same_clusters() {
-    let seed = seed_from_env("discard_and_write_zeroes_race_with_writes_in_the_same_clusters");
-    let cluster = 512u64;
-    // Groups of 8 clusters: the first 700 bytes (cluster 0 and part of 1) belong to the writers,
-    // in 100-byte stripes; the other 3396 bytes (the rest of cluster 1, clusters 2-7) to one of
-    // two zapper threads, which writes, zeroes and discards there. 4 groups share an L2 table.
-    let group = 8 * cluster;
-    let owned = 700u64;
-    let groups = 64u64;
-    let size = groups * group;
-    let dir = tempfile::tempdir().unwrap();
-    let (img, dev) = fresh_image(dir.path(), cluster, size);
-    let model = Arc::new(Mutex::new(Model::new(size)));
+/// Groups of `group` bytes: the first `owned` belong to the writers, in `stripe`-byte stripes
+/// dealt round-robin and each rewritten three times; the rest of each group to one of two zapper
+/// threads, which write, zero and discard there at random. `model` holds the image's contents
+/// before; afterwards qemu-img checks the image and reads it.
+#[allow(clippy::too_many_arguments)]
+fn race_writers_and_zappers(
+    img: &std::path::Path,
+    dev: Arc<dyn BlockDev>,
+    model: Model,
+    group: u64,
+    owned: u64,
+    stripe: u64,
+    seed: u64,
+    what: &str,
+) {
+    let groups = model.size / group;
+    let model = Arc::new(Mutex::new(model));
     let zappers = 2usize;
     let start = Arc::new(Barrier::new(WRITERS + zappers));
     let mut handles = Vec::new();
 
-    let stripes_per_group = owned / 100;
+    let stripes_per_group = owned / stripe;
     for t in 0..WRITERS {
         let (dev, model, start) = (dev.clone(), model.clone(), start.clone());
         handles.push(thread::spawn(move || {
@@ -226,10 +229,10 @@ fn discard_and_write_zeroes_race_with_writes_in_the_same_clusters() {
             for _pass in 0..3 {
                 for i in shuffled(&mut rng, mine.len()) {
                     let s = mine[i] as u64;
-                    let off = (s / stripes_per_group) * group + (s % stripes_per_group) * 100;
+                    let off = (s / stripes_per_group) * group + (s % stripes_per_group) * stripe;
                     let op = Op::Write {
                         offset: off,
-                        data: rng.bytes(100),
+                        data: rng.bytes(stripe as usize),
                     };
                     let done = op.run(&*dev);
                     op.record(&mut model.lock().unwrap(), done);
@@ -258,8 +261,58 @@ fn discard_and_write_zeroes_race_with_writes_in_the_same_clusters() {
         h.join().expect("a thread panicked");
     }
     dev.flush().unwrap();
-    let what = format!("zappers and writers (seed {seed})");
+    let what = format!("{what} (seed {seed})");
     let mut model = model.lock().unwrap();
-    verify_image(&img, &mut model, &what);
-    assert_extents_agree(&*dev, &img, &what);
+    verify_image(img, &mut model, &what);
+    assert_extents_agree(&*dev, img, &what);
+}
+
+#[test]
+fn discard_and_write_zeroes_race_with_writes_in_the_same_clusters() {
+    let seed = seed_from_env("discard_and_write_zeroes_race_with_writes_in_the_same_clusters");
+    // Groups of 8 clusters: the first 700 bytes (cluster 0 and part of 1) belong to the writers,
+    // in 100-byte stripes; the other 3396 bytes (the rest of cluster 1, clusters 2-7) to the
+    // zappers. 4 groups share an L2 table.
+    let cluster = 512;
+    let size = 64 * 8 * cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let (img, dev) = fresh_image(dir.path(), cluster, size);
+    let model = Model::new(size);
+    race_writers_and_zappers(&img, dev, model, 8 * cluster, 700, 100, seed, "fresh image");
+}
+
+#[test]
+fn races_over_compressed_and_zero_clusters_written_by_qemu() {
+    let seed = seed_from_env("races_over_compressed_and_zero_clusters_written_by_qemu");
+    // 4 KiB clusters; qemu-io leaves compressed clusters (several packed in one host cluster),
+    // zero clusters, plain data and unallocated space. Groups of 4 clusters: 6000 bytes for the
+    // writers (copy-on-write out of compressed clusters), the rest (clusters 2-3 whole) for the
+    // zappers, whose discards and zeroes release compressed clusters others still share.
+    let cluster = 4 * K;
+    let size = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("qemu.qcow2");
+    qemu_create(&img, size, "cluster_size=4k");
+    qemu_io(
+        &img,
+        &[
+            "write -c -P 0x11 0 1M".to_string(),
+            "write -c -P 0x22 1M 512k".to_string(),
+            "write -z 1536k 512k".to_string(),
+            "write -P 0x33 2M 1M".to_string(),
+        ],
+    );
+    let mut model = Model::new(size);
+    model.write(0, &qemu_read_all(&img));
+    let dev = vdisk_open(&img, false);
+    race_writers_and_zappers(
+        &img,
+        dev,
+        model,
+        4 * cluster,
+        6000,
+        1000,
+        seed,
+        "qemu image",
+    );
 }
