@@ -660,6 +660,51 @@ fn clean_images_of_every_layout_report_like_qemu() {
 }
 
 #[test]
+fn random_damage_gives_findings_not_panics() {
+    let dir = tempdir();
+    let seed = common::seed_from_env("random_damage_gives_findings_not_panics");
+    let mut rng = common::Rng::new(seed);
+    let plain = base(dir.path());
+    let snap = copy(&plain, "rsnap.qcow2");
+    run_ok(qemu_img().args(["snapshot", "-c", "s"]).arg(&snap));
+    qemu_io(&snap, &["write -c -P 9 1M 64k".into()]);
+    let ext = qemu_image(
+        dir.path(),
+        "rext.qcow2",
+        "8M",
+        "extended_l2=on,cluster_size=16k",
+        &["write -P 1 0 5k", "write -c -P 2 1M 16k"],
+    );
+    let images: Vec<Vec<u8>> = [plain, snap, ext]
+        .iter()
+        .map(|p| fs::read(p).unwrap())
+        .collect();
+    let img = dir.path().join("random.qcow2");
+    for round in 0..60 {
+        let mut bytes = images[rng.below(images.len() as u64) as usize].clone();
+        for _ in 0..rng.range(1, 4) {
+            // Mostly the metadata at the start of the file, sometimes anywhere.
+            let span = if rng.percent(70) {
+                0x6_0000
+            } else {
+                bytes.len() as u64
+            };
+            let at = rng.below(span.min(bytes.len() as u64)) as usize;
+            let n = (rng.range(1, 8) as usize).min(bytes.len() - at);
+            bytes[at..at + n].copy_from_slice(&rng.bytes(n));
+        }
+        for repair in [None, Some(Repair::Leaks), Some(Repair::All)] {
+            fs::write(&img, &bytes).unwrap();
+            // Opening may fail (a header qemu-img refuses as well); a check must not panic.
+            if let Ok(report) = Qcow2::check(&img, repair) {
+                let code = report.exit_code();
+                assert!((0..=3).contains(&code), "round {round}: exit code {code}");
+            }
+        }
+    }
+}
+
+#[test]
 fn unopenable_images_are_errors() {
     let dir = tempdir();
     let img = dir.path().join("junk.qcow2");

@@ -428,15 +428,11 @@ impl Checker {
             return Err(Fail::too_large());
         }
         frag.total = (self.img.header.size / 512 * 512).div_ceil(cs);
-        let mut arr = match RefArray::new(self.img.header.refcount_order, cs, 0)
-            .and_then(|mut a| self.grow_array(&mut a, nb_clusters).map(|()| a))
-        {
-            Ok(a) => a,
-            Err(e) => {
-                res.check_errors += 1;
-                return Err(e);
-            }
-        };
+        let mut arr = RefArray::new(
+            self.img.header.refcount_order,
+            self.img.cluster_bits,
+            nb_clusters,
+        );
         let mut rebuild = false;
         self.calculate(res, frag, &mut arr, fix, &mut rebuild)?;
         let before_compare = *res;

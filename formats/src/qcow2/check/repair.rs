@@ -39,6 +39,25 @@ impl Checker {
         }
     }
 
+    /// The clusters whose refcounts may differ from zero, on disk or in `arr`, in order: those
+    /// of the refcount blocks the table names and of the chunks `arr` has. (Everywhere else
+    /// both are zero; QEMU walks those clusters too, to no effect.)
+    fn clusters_to_compare(&self, arr: &RefArray) -> impl Iterator<Item = u64> {
+        let bits = arr.chunk_bits();
+        let on_disk = self
+            .img
+            .reftable
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e & !super::image::REFT_RESERVED != 0)
+            .map(|(i, _)| i as u64);
+        let chunks: std::collections::BTreeSet<u64> = on_disk.chain(arr.chunks()).collect();
+        let len = arr.len();
+        chunks
+            .into_iter()
+            .flat_map(move |c| (c << bits)..((c + 1) << bits).min(len))
+    }
+
     /// Compares every cluster's refcount with the expected one (QEMU's `compare_refcounts`),
     /// repairing what `fix` allows. A used cluster with refcount 0 asks for a rebuild.
     pub(super) fn compare(
@@ -49,7 +68,7 @@ impl Checker {
         rebuild: &mut bool,
     ) -> u64 {
         let mut highest = 0;
-        for i in 0..arr.len() {
+        for i in self.clusters_to_compare(arr) {
             let on_disk = match self.disk_refcount(i) {
                 Ok(v) => v,
                 Err(e) => {
@@ -153,7 +172,13 @@ impl Checker {
         let mut cluster = first;
         while cluster < end {
             if arr.get(cluster) == 0 {
-                cluster += 1;
+                // Chunks without counts are skipped whole.
+                let chunk = cluster >> block_bits;
+                cluster = match arr.next_chunk(chunk) {
+                    Some(c) if c == chunk => cluster + 1,
+                    Some(c) => c << block_bits,
+                    None => end,
+                };
                 continue;
             }
             let index = cluster >> block_bits;

@@ -12,19 +12,18 @@ use crate::qcow2::compressed::Descriptor;
 use crate::qcow2::entry::{COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO};
 use crate::qcow2::header::MAX_L1_BYTES;
 
-/// Largest in-memory refcount array a check builds (QEMU refuses files of more than `INT_MAX`
-/// clusters; the byte cap keeps a hostile refcount table from asking for absurd memory).
-const MAX_ARRAY_CLUSTERS: u64 = i32::MAX as u64;
-const MAX_ARRAY_BYTES: u64 = 4 << 30;
+/// Most clusters the in-memory refcount array covers (QEMU refuses files of more than `INT_MAX`
+/// clusters).
+pub(super) const MAX_ARRAY_CLUSTERS: u64 = i32::MAX as u64;
 
 impl Checker {
-    /// Grows `arr` to `len` entries within the bounds above.
+    /// Makes `arr` cover `len` clusters, within the bound above.
     pub(super) fn grow_array(&self, arr: &mut RefArray, len: u64) -> Result<(), Fail> {
-        let bytes = (len << self.img.header.refcount_order).div_ceil(8);
-        if len > MAX_ARRAY_CLUSTERS || bytes > MAX_ARRAY_BYTES {
+        if len > MAX_ARRAY_CLUSTERS {
             return Err(Fail::no_memory());
         }
-        arr.resize(len)
+        arr.set_len(arr.len().max(len));
+        Ok(())
     }
 
     /// Counts one reference to every cluster of `offset..offset+size` (QEMU's
@@ -117,6 +116,10 @@ impl Checker {
         let rt_off = self.img.header.refcount_table_offset;
         let rt_bytes = self.img.reftable.len() as u64 * 8;
         self.inc(res, arr, rt_off, rt_bytes)?;
+        // The LUKS header of an encrypted image (`encrypt.format=luks`).
+        if let Some(area) = self.img.header.crypto_area() {
+            self.inc(res, arr, area.offset, area.length)?;
+        }
         self.check_bitmaps(res, arr)?;
         self.check_refblocks(res, arr, fix, rebuild)
     }
@@ -415,10 +418,8 @@ impl Checker {
         let new_len = offset + cs;
         let clusters = new_len.div_ceil(cs);
         // A file the in-memory array could not follow is treated like one the file system
-        // refuses to grow (QEMU would make it sparse, then run out of memory or not): the
-        // structure is rebuilt instead.
-        let bytes = (clusters << self.img.header.refcount_order).div_ceil(8);
-        let grown = if clusters > MAX_ARRAY_CLUSTERS || bytes > MAX_ARRAY_BYTES {
+        // refuses to grow: the structure is rebuilt instead.
+        let grown = if clusters > MAX_ARRAY_CLUSTERS {
             Err(Fail::too_large())
         } else {
             self.img.set_len(new_len)
