@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::{BlockDev, Format, OpenOptions};
+use vdisk_formats::{BlockDev, Format, NodeInfo, OpenOptions};
 
 use crate::errors::{describe, UsageError};
 use crate::options::parse_lists;
@@ -159,6 +159,40 @@ impl ImageOpts {
     pub fn image(&self, filename: &str) -> Result<ImageRef> {
         ImageRef::parse(filename, self.format.as_deref(), self.image_opts)
     }
+}
+
+/// One image of a backing chain.
+pub struct Layer {
+    pub path: PathBuf,
+    pub format: Option<String>,
+    pub info: NodeInfo,
+}
+
+/// The images of the chain under `image`, top first, each described without its backing file.
+pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
+    let top_format = image.format_or_probe(true)?;
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut next = Some((image.path.clone(), Some(top_format.name().to_string())));
+    while let Some((path, format)) = next.take() {
+        if layers.len() > vdisk_formats::chain::MAX_CHAIN_DEPTH {
+            bail!("Backing chain too deep");
+        }
+        let parsed = format.as_deref().map(parse_driver).transpose()?;
+        let opts = OpenOptions {
+            format: parsed,
+            read_only: true,
+            no_backing: true,
+        };
+        let dev = vdisk_formats::open(&path, opts)
+            .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), describe(&e)))?;
+        let info = dev.info().map_err(|e| anyhow!(describe(&e)))?;
+        next = info
+            .backing
+            .as_ref()
+            .map(|b| (PathBuf::from(&b.full_filename), b.format.clone()));
+        layers.push(Layer { path, format, info });
+    }
+    Ok(layers)
 }
 
 /// A format name as `-f` or `driver=` takes it, with the message qemu gives for unknown ones.

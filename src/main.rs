@@ -52,6 +52,9 @@ enum Command {
     Resize(cmd::resize::Args),
     Measure(cmd::measure::Args),
     Dd(cmd::dd::Args),
+    Commit(cmd::commit::Args),
+    Rebase(cmd::rebase::Args),
+    Amend(cmd::amend::Args),
 }
 
 fn main() -> ExitCode {
@@ -107,6 +110,9 @@ fn main() -> ExitCode {
         Command::Resize(args) => cmd::resize::run(args),
         Command::Measure(args) => cmd::measure::run(args),
         Command::Dd(args) => cmd::dd::run(args),
+        Command::Commit(args) => cmd::commit::run(args),
+        Command::Rebase(args) => cmd::rebase::run(args),
+        Command::Amend(args) => cmd::amend::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

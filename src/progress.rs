@@ -85,12 +85,6 @@ impl Progress {
         }
     }
 
-    /// Adds `delta` bytes to the work done so far.
-    pub fn advance(&self, delta: u64, total: u64) {
-        let done = self.state.lock().unwrap().done + delta;
-        self.update(done, total);
-    }
-
     /// Prints the final state (100 % when `complete`) and ends the line.
     pub fn finish(&self, complete: bool) {
         let mut s = self.state.lock().unwrap();

@@ -1,12 +1,13 @@
 //! `vdisk create`: make a new image, with qemu-img's syntax, messages and `Formatting` line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vdisk_formats::image::create_options_help;
-use vdisk_formats::{CreateOptions, Format};
+use vdisk_formats::{CreateOptions, Format, OpenOptions};
 
 use crate::errors::{describe, UsageError};
+use crate::image_args::{backing_path, parse_driver};
 use crate::numbers::cvtnum;
 use crate::options::{self, CheckedOption, Typed};
 
@@ -20,6 +21,8 @@ use crate::options::{self, CheckedOption, Typed};
 ///   vdisk create -f qcow2 disk.qcow2 10G
 ///
 ///   vdisk create -f qcow2 -o cluster_size=2M,lazy_refcounts=on,preallocation=metadata big.qcow2 1T
+///
+///   vdisk create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
 ///
 ///   vdisk create -f qcow2 -o help
 #[derive(clap::Args, Debug)]
@@ -39,15 +42,15 @@ pub struct Args {
     #[arg(short = 'o', long = "options", value_name = "FMT_OPTS")]
     options: Vec<String>,
 
-    /// Stack the new image on BACKING_FILENAME (not supported yet)
+    /// Stack the new image on BACKING_FILENAME (qcow2); SIZE defaults to its size
     #[arg(short = 'b', long = "backing", value_name = "BACKING_FILENAME")]
     backing: Option<String>,
 
-    /// Format of BACKING_FILENAME (not supported yet)
+    /// Format of BACKING_FILENAME (required with -b)
     #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
 
-    /// Do not open the backing file (not supported yet)
+    /// Do not open the backing file (SIZE is then required)
     #[arg(short = 'u', long = "backing-unsafe")]
     backing_unsafe: bool,
 
@@ -103,33 +106,59 @@ fn create_file(
     if format == Format::Luks {
         bail!("creating LUKS images is not supported yet");
     }
-    let backing_opt = pairs
-        .iter()
-        .any(|(k, _)| k == "backing_file" || k == "backing_fmt");
-    if args.backing.is_some() || args.backing_format.is_some() || args.backing_unsafe || backing_opt
-    {
-        bail!("creating images with a backing file is not supported yet");
-    }
     if !args.object.is_empty() {
         bail!("--object is not supported yet");
     }
-
-    let checked = options::check_types(pairs, create_options_help(format))?;
+    let mut pairs = pairs.to_vec();
+    if let Some(b) = &args.backing {
+        pairs.push(("backing_file".into(), b.clone()));
+    }
+    if let Some(f) = &args.backing_format {
+        pairs.push(("backing_fmt".into(), f.clone()));
+    }
+    let named = |key: &str| {
+        pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let (backing, backing_fmt) = (named("backing_file"), named("backing_fmt"));
+    if backing.is_some() && format != Format::Qcow2 {
+        bail!("Backing file not supported for file format '{format}'");
+    }
+    let checked = options::check_types(&pairs, create_options_help(format))?;
     let size_opt = checked.iter().find(|o| o.name == "size");
     let size = match (size, size_opt) {
         (Some(_), Some(_)) => bail!("The image size must be specified only once"),
-        (Some(s), None) => s,
+        (Some(s), None) => Some(s),
         (
             None,
             Some(CheckedOption {
                 typed: Typed::Number(s),
                 ..
             }),
-        ) => *s,
-        _ => bail!("Image creation needs a size parameter"),
+        ) => Some(*s),
+        _ => None,
+    };
+    let size = match &backing {
+        Some(name) => backing_size(
+            &file,
+            name,
+            backing_fmt.as_deref(),
+            size,
+            args.backing_unsafe,
+        )?,
+        None => size,
+    };
+    let Some(size) = size else {
+        bail!("Image creation needs a size parameter");
     };
     if !args.quiet {
         println!("{}", formatting_line(&file, format, size, &checked));
+    }
+    if backing_fmt.is_some() && backing.is_none() {
+        bail!("Backing format cannot be used without backing file");
     }
 
     let pairs: Vec<(String, String)> = checked
@@ -137,9 +166,52 @@ fn create_file(
         .filter(|o| o.name != "size")
         .map(|o| (o.name.clone(), o.canonical()))
         .collect();
-    let opts =
-        CreateOptions::from_pairs(format, Some(size), &pairs).map_err(|e| anyhow!(describe(&e)))?;
+    let opts = match CreateOptions::from_pairs(format, Some(size), &pairs) {
+        // The backing file was checked above (or -u said not to open it).
+        Ok(CreateOptions::Qcow2(mut q)) => {
+            q.open_backing = false;
+            CreateOptions::Qcow2(q)
+        }
+        other => other.map_err(|e| anyhow!(describe(&e)))?,
+    };
     vdisk_formats::create(&file, &opts).map_err(|e| anyhow!(describe(&e)))
+}
+
+/// Checks the backing file as qemu-img does before creating an overlay, and returns the size of
+/// the new image: `size` if given, else the backing file's. With `unsafe_open` (-u) the backing
+/// file is not opened and a size is required.
+fn backing_size(
+    file: &Path,
+    name: &str,
+    format: Option<&str>,
+    size: Option<u64>,
+    unsafe_open: bool,
+) -> Result<Option<u64>> {
+    let path = backing_path(file, name);
+    if std::fs::canonicalize(&path).ok() == std::fs::canonicalize(file).ok() && path.exists() {
+        bail!("Error: Trying to create an image with the same filename as the backing file");
+    }
+    let Some(format) = format else {
+        let detected = vdisk_formats::probe(&path)
+            .map(|f| format!("\nDetected format of {f}."))
+            .unwrap_or_default();
+        bail!("Backing file specified without backing format{detected}");
+    };
+    if unsafe_open {
+        return Ok(size);
+    }
+    let opened = parse_driver(format).and_then(|f| {
+        let opts = OpenOptions {
+            format: Some(f),
+            read_only: true,
+            no_backing: false,
+        };
+        vdisk_formats::open(&path, opts).map_err(|e| anyhow!(describe(&e)))
+    });
+    match opened {
+        Ok(dev) => Ok(Some(size.unwrap_or(dev.size()))),
+        Err(e) => bail!("{e:#}\nCould not open backing image."),
+    }
 }
 
 /// A format name as `-f` takes it.

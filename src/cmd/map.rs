@@ -1,13 +1,10 @@
 //! `vdisk map`: where the data of an image lives, layer by layer, as `qemu-img map` prints it.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::{BlockDev, ExtentKind, OpenOptions};
+use vdisk_formats::ExtentKind;
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{parse_driver, ImageOpts, ImageRef, Output};
+use crate::image_args::{chain, ImageOpts, Output};
 use crate::numbers::cvtnum;
 
 /// Dump image metadata: the mapping of guest ranges to layers and host offsets.
@@ -95,12 +92,6 @@ impl Entry {
     }
 }
 
-/// One image of the chain: its name as qemu-img shows it and whether it has a backing file.
-struct Layer {
-    name: String,
-    has_backing: bool,
-}
-
 pub fn run(args: Args) -> Result<()> {
     crate::prog::die_on_sigpipe();
     let output = Output::parse(args.output.as_deref(), "map")?;
@@ -117,7 +108,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let image = args.image.image(file)?;
     let dev = image.open(true, false)?;
-    let layers = chain_layers(&image)?;
+    let layers = chain(&image)?;
     let end = dev.size().min(start.saturating_add(max_length));
 
     let mut entries: Vec<Entry> = Vec::new();
@@ -127,7 +118,9 @@ pub fn run(args: Args) -> Result<()> {
             .extent(at, end - at)
             .map_err(|err| anyhow!("Could not read file metadata: {}", describe(&err)))?;
         let depth = e.depth;
-        let layer_has_backing = layers.get(depth as usize).is_some_and(|l| l.has_backing);
+        let layer_has_backing = layers
+            .get(depth as usize)
+            .is_some_and(|l| l.info.backing.is_some());
         let entry = Entry {
             start: at,
             length: e.length,
@@ -170,7 +163,9 @@ pub fn run(args: Args) -> Result<()> {
                 let Some(offset) = e.offset else {
                     bail!("File contains external, encrypted or compressed clusters.");
                 };
-                let name = layers.get(e.depth as usize).map_or("", |l| l.name.as_str());
+                let name = layers
+                    .get(e.depth as usize)
+                    .map_or(String::new(), |l| l.path.display().to_string());
                 println!(
                     "{:<16}{:<16}{:<16}{name}",
                     hex(e.start),
@@ -190,37 +185,4 @@ fn hex(n: u64) -> String {
     } else {
         format!("{n:#x}")
     }
-}
-
-/// The images of the chain, top first, each opened alone to read its header.
-fn chain_layers(image: &ImageRef) -> Result<Vec<Layer>> {
-    let top_format = image.format_or_probe(true)?;
-    let mut layers = Vec::new();
-    let mut next: Option<(PathBuf, String, Option<String>)> = Some((
-        image.path.clone(),
-        image.path.display().to_string(),
-        Some(top_format.name().to_string()),
-    ));
-    while let Some((path, name, format)) = next.take() {
-        if layers.len() > vdisk_formats::chain::MAX_CHAIN_DEPTH {
-            break;
-        }
-        let format = format.map(|f| parse_driver(&f)).transpose()?;
-        let dev: Arc<dyn BlockDev> = vdisk_formats::open(
-            &path,
-            OpenOptions {
-                format,
-                read_only: true,
-                no_backing: true,
-            },
-        )
-        .map_err(|e| anyhow!(describe(&e)))?;
-        let backing = dev.info().map_err(|e| anyhow!(describe(&e)))?.backing;
-        layers.push(Layer {
-            name,
-            has_backing: backing.is_some(),
-        });
-        next = backing.map(|b| (PathBuf::from(&b.full_filename), b.full_filename, b.format));
-    }
-    Ok(layers)
 }

@@ -1,9 +1,11 @@
 //! One module per subcommand: a clap `Args` struct (its doc comments are the help text) and a
 //! `run()`.
 
+pub mod amend;
 pub mod bench;
 pub mod boot;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod connect;
 pub mod convert;
@@ -15,6 +17,7 @@ pub mod map;
 pub mod measure;
 pub mod mount;
 pub mod qemu_nbd;
+pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;

@@ -22,6 +22,7 @@
 //!
 //! Not handled yet, refused with a clear error: external data files and encryption.
 
+pub mod amend;
 pub mod check;
 pub mod compressed;
 mod create;

@@ -1,0 +1,132 @@
+//! Header rewrites for `amend` and `rebase`: the backing file name and format, the compatibility
+//! level and lazy refcounts. Tables and data are not touched, so each change is one write of the
+//! header cluster.
+
+use std::path::Path;
+
+use super::header::{self, compat, default_feature_table, ext, incompat, Extension, Header};
+use super::Qcow2;
+use crate::block::{BlockDev, ExtentKind};
+use crate::error::{Error, Result};
+use crate::host_file::HostFile;
+
+/// What to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderChanges {
+    /// The new backing file (name and optional format), or `Some(None)` for none.
+    pub backing: Option<Option<(String, Option<String>)>>,
+    /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
+    pub version: Option<u32>,
+    pub lazy_refcounts: Option<bool>,
+}
+
+/// Applies `changes` to the header of the qcow2 image at `path`. Fails, changing nothing, when
+/// the result would be invalid (lazy refcounts on version 2) or when a downgrade to version 2
+/// would lose information (zero clusters, other refcount widths, v3-only features).
+pub fn rewrite_header(path: &Path, changes: &HeaderChanges) -> Result<()> {
+    let file = HostFile::open(path, false)?;
+    let len = file.len()?;
+    let mut first = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(len as usize)];
+    file.read_at(&mut first, 0)?;
+    let mut h = Header::parse(path, &first, len)?;
+    let old_len = h.encode(path)?.len();
+    if h.incompatible_features & (incompat::DIRTY | incompat::CORRUPT) != 0 {
+        return Err(Error::unsupported(
+            path,
+            "the image is dirty or marked corrupt; repair it with check -r all first",
+        ));
+    }
+    let unsupported = |what: &str| Err(Error::unsupported(path, what.to_string()));
+
+    match changes.version {
+        Some(3) if h.version == 2 => {
+            h.version = 3;
+            h.header_length = header::V3_HEADER_LEN;
+            h.compression_type = 0;
+            h.extra_fields = vec![0; (header::V3_HEADER_LEN - 105) as usize];
+            if h.extension(ext::FEATURE_TABLE).is_none() {
+                h.extensions.push(default_feature_table());
+            }
+        }
+        Some(2) if h.version == 3 => {
+            if h.incompatible_features != 0 || h.refcount_order != 4 {
+                return unsupported(
+                    "cannot downgrade to compat=0.10: the image uses version 3 features",
+                );
+            }
+            if changes.lazy_refcounts != Some(false)
+                && h.compatible_features & compat::LAZY_REFCOUNTS != 0
+            {
+                return unsupported(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                );
+            }
+            if has_zero_clusters(path)? {
+                return unsupported(
+                    "cannot downgrade to compat=0.10: the image has zero clusters (not supported yet)",
+                );
+            }
+            h.version = 2;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.extensions.retain(|e| e.kind != ext::FEATURE_TABLE);
+        }
+        Some(2 | 3) | None => {}
+        Some(v) => return unsupported(&format!("unknown qcow2 version {v}")),
+    }
+    if let Some(lazy) = changes.lazy_refcounts {
+        if lazy && h.version < 3 {
+            return Err(Error::argument(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if lazy {
+            h.compatible_features |= compat::LAZY_REFCOUNTS;
+        } else {
+            h.compatible_features &= !compat::LAZY_REFCOUNTS;
+        }
+    }
+    if let Some(backing) = &changes.backing {
+        h.extensions.retain(|e| e.kind != ext::BACKING_FORMAT);
+        match backing {
+            Some((name, format)) => {
+                if name.len() > header::MAX_BACKING_NAME as usize {
+                    return Err(Error::argument("Backing file name too long"));
+                }
+                h.backing_file = Some(name.clone());
+                if let Some(f) = format {
+                    h.extensions.insert(
+                        0,
+                        Extension {
+                            kind: ext::BACKING_FORMAT,
+                            data: f.as_bytes().to_vec(),
+                        },
+                    );
+                }
+            }
+            None => h.backing_file = None,
+        }
+    }
+    let mut bytes = h.encode(path)?;
+    // Clear what the old, longer header left behind (an old backing file name).
+    if bytes.len() < old_len {
+        bytes.resize(old_len, 0);
+    }
+    file.write_at(&bytes, 0)?;
+    file.sync()
+}
+
+/// Whether the active L1 table maps any zero cluster (version 2 cannot express them).
+fn has_zero_clusters(path: &Path) -> Result<bool> {
+    let img = Qcow2::open_with(path, true, None)?;
+    let size = img.size();
+    let mut off = 0;
+    while off < size {
+        let e = img.extent(off, size - off)?;
+        if e.kind == ExtentKind::Zero {
+            return Ok(true);
+        }
+        off += e.length;
+    }
+    Ok(false)
+}
