@@ -285,9 +285,6 @@ pub fn data_extents(file: &File) -> Vec<(u64, u64)> {
     out
 }
 
-/// Full verification of a qcow2 image against the model through qemu-img: `check` is clean,
-/// `convert -O raw` shows the model (discarded bytes old or zero), and `compare` finds the image
-/// identical to the settled model written as a raw file. `what` labels failures.
 // ---------------------------------------------------------------------------------------------
 // Guest operations
 
