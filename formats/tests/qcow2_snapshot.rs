@@ -328,7 +328,7 @@ fn hostile_snapshot_tables_give_clear_errors() {
     let cases = [
         (
             hostile("count.qcow2", 60, &u32::MAX.to_be_bytes()),
-            "Snapshot table too large",
+            "Too many snapshots",
         ),
         (
             hostile("eof.qcow2", 64, &0x1000_0000u64.to_be_bytes()),
