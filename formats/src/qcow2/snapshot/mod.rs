@@ -90,6 +90,14 @@ fn find_by_id_or_name(snapshots: &[Snapshot], key: &str) -> Option<usize> {
         .or_else(|| snapshots.iter().position(|s| s.name == key))
 }
 
+/// Consecutive clusters whose refcounts were all `old`, each to be raised by one.
+#[derive(Debug)]
+struct Run {
+    start: u64,
+    len: u64,
+    old: u64,
+}
+
 /// What a walk over an L1 table does to the refcounts it reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Addend {
@@ -214,6 +222,7 @@ impl Qcow2 {
     ) -> Result<bool> {
         let cs = self.geo.cluster_size();
         let cb = self.geo.cluster_bits;
+        let mut run = None;
         let mut l1_changed = false;
         for (i, slot) in l1.iter_mut().enumerate() {
             let old_l1 = *slot;
@@ -238,7 +247,7 @@ impl Qcow2 {
                         let d = Descriptor::decode(entry & !COMPRESSED, cb);
                         let (first, n) = d.clusters(cb);
                         for k in 0..n {
-                            self.add_ref(meta, first + k * cs, addend)?;
+                            self.add_ref(meta, &mut run, first + k * cs, addend)?;
                         }
                         // Compressed clusters are never written in place.
                         2
@@ -252,8 +261,7 @@ impl Qcow2 {
                                 format!("cluster offset {off:#x} is not cluster aligned"),
                             ));
                         }
-                        self.add_ref(meta, off, addend)?;
-                        meta.refcounts.get(&self.file, off >> cb)?
+                        self.add_ref(meta, &mut run, off, addend)?
                     }
                     ClusterType::ZeroPlain | ClusterType::Unallocated => 0,
                 };
@@ -263,8 +271,9 @@ impl Qcow2 {
                     l2_changed = true;
                 }
             }
-            self.add_ref(meta, l2_off, addend)?;
-            let l2_refcount = meta.refcounts.get(&self.file, l2_off >> cb)?;
+            let l2_refcount = self.add_ref(meta, &mut run, l2_off, addend)?;
+            // The flags say what the refcounts on disk say.
+            self.flush_run(meta, &mut run)?;
             if l2_changed && l2_refcount > 0 {
                 let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
                 self.file.write_at(&bytes, l2_off)?;
@@ -282,27 +291,63 @@ impl Qcow2 {
         Ok(l1_changed)
     }
 
-    /// Raises or drops one reference to the cluster at `offset` (a no-op for `Keep`).
-    fn add_ref(&self, meta: &mut Meta, offset: u64, addend: Addend) -> Result<()> {
+    /// Raises or drops one reference to the cluster at `offset` (nothing for `Keep`) and returns
+    /// its refcount afterwards. Raises of consecutive clusters that had the same refcount are
+    /// gathered in `run` and written as one range by [`Qcow2::flush_run`].
+    fn add_ref(
+        &self,
+        meta: &mut Meta,
+        run: &mut Option<Run>,
+        offset: u64,
+        addend: Addend,
+    ) -> Result<u64> {
+        let cluster = offset >> self.geo.cluster_bits;
         match addend {
-            Addend::Keep => Ok(()),
-            Addend::Decrement => self.free_clusters(meta, offset, 1),
+            Addend::Keep => meta.refcounts.get(&self.file, cluster),
+            Addend::Decrement => {
+                self.free_clusters(meta, offset, 1)?;
+                meta.refcounts.get(&self.file, cluster)
+            }
             Addend::Increment => {
+                if let Some(r) = run {
+                    if cluster == r.start + r.len
+                        && meta.refcounts.get(&self.file, cluster)? == r.old
+                    {
+                        r.len += 1;
+                        return Ok(r.old + 1);
+                    }
+                }
+                self.flush_run(meta, run)?;
+                let old = meta.refcounts.get(&self.file, cluster)?;
                 // A used cluster with refcount zero means the refcounts are broken; raising it
                 // could also need a new refcount block, which this walk does not settle.
-                if meta
-                    .refcounts
-                    .get(&self.file, offset >> self.geo.cluster_bits)?
-                    == 0
-                {
+                if old == 0 {
                     return Err(Error::corrupt(
                         self.path(),
                         offset,
                         "a cluster in use has refcount 0; repair the image with check -r all",
                     ));
                 }
-                meta.refcounts.increment(&self.file, offset)
+                if old == meta.refcounts.max_value() {
+                    return Err(Error::corrupt(self.path(), offset, "refcount overflow"));
+                }
+                *run = Some(Run {
+                    start: cluster,
+                    len: 1,
+                    old,
+                });
+                Ok(old + 1)
             }
+        }
+    }
+
+    /// Writes the raises gathered in `run`.
+    fn flush_run(&self, meta: &mut Meta, run: &mut Option<Run>) -> Result<()> {
+        match run.take() {
+            Some(r) => meta
+                .refcounts
+                .set_range(&self.file, r.start, r.len, r.old + 1),
+            None => Ok(()),
         }
     }
 
