@@ -10,10 +10,11 @@
 //! ```
 //!
 //! The check opens the image itself (read-only unless repairing), reads past the end of the file
-//! as zeros the way QEMU does, and allocates memory in proportion to the file's length only, so
-//! a hostile image yields findings or a failed check, never a panic. A repair that fixed
-//! anything is followed by a second, read-only check whose numbers are reported (as qemu-img
-//! does).
+//! as zeros the way QEMU does, and keeps memory in proportion to the clusters in use (tables it
+//! reads are bounded by QEMU's limits), so a hostile image yields findings or a failed check,
+//! never a panic. A repair that fixed anything is followed by a second, read-only check whose
+//! numbers are reported (as qemu-img does). Persistent dirty bitmaps are counted (bitmaps.rs)
+//! and kept by repairs.
 
 mod bitmaps;
 mod image;
