@@ -355,16 +355,18 @@ fn serve_fuse(server: &ServerArgs, image: &ImageArgs, file: &str, target: &Path)
     if let Some(child) = background {
         child.ready(Stderr::Original)?;
     }
-    let outcome = match events.recv() {
-        Ok(Event::Signal) => {
-            crate::mounts::unmount_fuse(&target)?;
-            match events.recv() {
-                Ok(Event::Ended(r)) => r,
-                _ => Ok(()),
+    // A signal unmounts (the waiter then reports the end); while the file is busy the unmount
+    // fails and the export goes on, so no write in flight is lost.
+    let outcome = loop {
+        match events.recv() {
+            Ok(Event::Signal) => {
+                if let Err(e) = crate::mounts::unmount_fuse(&target) {
+                    eprintln!("{}: {e:#}", crate::prog::name());
+                }
             }
+            Ok(Event::Ended(r)) => break r,
+            Err(_) => break Ok(()),
         }
-        Ok(Event::Ended(r)) => r,
-        Err(_) => Ok(()),
     };
     let _ = waiter.join();
     if let Some(pid_file) = &server.pid_file {
