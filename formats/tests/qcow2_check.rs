@@ -540,6 +540,10 @@ fn hostile_snapshot_tables_fail_or_are_cut_like_qemu() {
         let count = be64_at(&v, 56) & 0xffff_ffff;
         assert_eq!(count, 65536, "the header keeps the cut count");
     }
+    // An unaligned table: the check cannot read it.
+    let unaligned = copy(&img, "hs-unaligned.qcow2");
+    patch64(&unaligned, 64, sn + 8);
+    assert_mode_like_qemu(&unaligned, None, true);
     // A table past the end of the file reads as empty entries.
     let eof = copy(&img, "hs-eof.qcow2");
     patch64(&eof, 64, 0x1000_0000);
