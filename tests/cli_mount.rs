@@ -222,11 +222,8 @@ fn mount_process(dir: &Path) -> i32 {
     panic!("no vdisk mount process for {}", dir.display());
 }
 
-#[test]
-fn vdisk_mount_partition_write_trim_umount_then_qemu_img_sees_the_files() {
-    if !usable(&[]) {
-        return;
-    }
+/// A fresh ext4 image mounted with `vdisk mount -P 1` (unmounted again by the cleanup).
+fn mount_ext4_image() -> (tempfile::TempDir, PathBuf, PathBuf, Cleanup) {
     let dir = temp_dir();
     let img = ext4_image(dir.path());
     let mnt = dir.path().join("mnt");
@@ -241,6 +238,15 @@ fn vdisk_mount_partition_write_trim_umount_then_qemu_img_sees_the_files() {
     ])
     .ok();
     cleanup.push(&[VDISK, "umount", mnt.to_str().unwrap()]);
+    (dir, img, mnt, cleanup)
+}
+
+#[test]
+fn vdisk_mount_partition_write_trim_umount_then_qemu_img_sees_the_files() {
+    if !usable(&[]) {
+        return;
+    }
+    let (dir, img, mnt, mut cleanup) = mount_ext4_image();
     assert!(is_mounted(&mnt));
     let daemon = mount_process(&mnt);
 
@@ -279,20 +285,7 @@ fn sigterm_to_the_mount_process_unmounts_and_keeps_unsynced_writes() {
     if !usable(&[]) {
         return;
     }
-    let dir = temp_dir();
-    let img = ext4_image(dir.path());
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mut cleanup = Cleanup(Vec::new());
-    vdisk([
-        "mount",
-        "-P",
-        "1",
-        img.to_str().unwrap(),
-        mnt.to_str().unwrap(),
-    ])
-    .ok();
-    cleanup.push(&[VDISK, "umount", mnt.to_str().unwrap()]);
+    let (dir, img, mnt, mut cleanup) = mount_ext4_image();
     let daemon = mount_process(&mnt);
     write_files_and_trim(&mnt);
     // Written without any sync: only the unmount makes it reach the image.
