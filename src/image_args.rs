@@ -195,6 +195,47 @@ pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
     Ok(layers)
 }
 
+/// The files of a chain read as plain files, to tell which parts of a layer's data clusters are
+/// holes in the host file: QEMU reports those (and what lies past the end of the file) as
+/// reading zero, and `map` and `measure` show it.
+pub struct HostFiles {
+    paths: Vec<PathBuf>,
+    files: Vec<Option<Arc<dyn BlockDev>>>,
+}
+
+impl HostFiles {
+    pub fn new(layers: &[Layer]) -> HostFiles {
+        HostFiles {
+            paths: layers.iter().map(|l| l.path.clone()).collect(),
+            files: layers.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// How many bytes from `host` (at most `len`) in the file of layer `depth` share one state,
+    /// and whether they are a hole (or past the end of the file).
+    pub fn run(&mut self, depth: u32, host: u64, len: u64) -> Result<(u64, bool)> {
+        let d = depth as usize;
+        if self.files[d].is_none() {
+            let opts = OpenOptions {
+                format: Some(Format::Raw),
+                read_only: true,
+                no_backing: true,
+            };
+            let dev =
+                vdisk_formats::open(&self.paths[d], opts).map_err(|e| anyhow!(describe(&e)))?;
+            self.files[d] = Some(dev);
+        }
+        let file = self.files[d].as_ref().expect("opened above");
+        if host >= file.size() {
+            return Ok((len, true));
+        }
+        let e = file
+            .extent(host, len.min(file.size() - host))
+            .map_err(|e| anyhow!(describe(&e)))?;
+        Ok((e.length, e.kind != vdisk_formats::ExtentKind::Data))
+    }
+}
+
 /// A format name as `-f` or `driver=` takes it, with the message qemu gives for unknown ones.
 pub fn parse_driver(name: &str) -> Result<Format> {
     Format::from_name(name).map_err(|_| anyhow!("Unknown driver '{name}'"))

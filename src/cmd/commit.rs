@@ -147,7 +147,11 @@ fn copy_above(
                 top.read_at(b, off).map_err(|e| anyhow!(describe(&e)))?;
                 base.write_at(b, off).map_err(|e| anyhow!(describe(&e)))?;
             } else {
-                base.write_zeroes(off, e.length, ZeroFlags::default())
+                let unmap = ZeroFlags {
+                    may_unmap: true,
+                    fast_only: false,
+                };
+                base.write_zeroes(off, e.length, unmap)
                     .map_err(|e| anyhow!(describe(&e)))?;
             }
         }

@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Result};
 use vdisk_formats::ExtentKind;
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{chain, ImageOpts, Output};
+use crate::image_args::{chain, HostFiles, ImageOpts, Output};
 use crate::numbers::cvtnum;
 
 /// Dump image metadata: the mapping of guest ranges to layers and host offsets.
@@ -109,6 +109,7 @@ pub fn run(args: Args) -> Result<()> {
     let image = args.image.image(file)?;
     let dev = image.open(true, false)?;
     let layers = chain(&image)?;
+    let mut host_files = HostFiles::new(&layers);
     let end = dev.size().min(start.saturating_add(max_length));
 
     let mut entries: Vec<Entry> = Vec::new();
@@ -117,23 +118,24 @@ pub fn run(args: Args) -> Result<()> {
         let e = dev
             .extent(at, end - at)
             .map_err(|err| anyhow!("Could not read file metadata: {}", describe(&err)))?;
-        let depth = e.depth;
-        let layer_has_backing = layers
-            .get(depth as usize)
-            .is_some_and(|l| l.info.backing.is_some());
+        // Data stored plainly may sit on holes of the host file: those read as zero.
+        let (length, hole) = match (e.kind, e.host_offset) {
+            (ExtentKind::Data, Some(host)) => host_files.run(e.depth, host, e.length)?,
+            _ => (e.length, false),
+        };
         let entry = Entry {
             start: at,
-            length: e.length,
-            depth,
-            // Unallocated at the bottom of the chain reads as zero from that layer; only past
-            // the end of a shorter backing file is nothing present.
-            present: e.kind != ExtentKind::Unallocated || !layer_has_backing,
-            zero: e.kind != ExtentKind::Data,
+            length,
+            depth: e.depth,
+            // Unallocated in every layer (or past the end of a shorter backing file): reads as
+            // zero, but nothing is there.
+            present: e.kind != ExtentKind::Unallocated,
+            zero: e.kind != ExtentKind::Data || hole,
             data: e.kind == ExtentKind::Data,
             compressed: e.compressed,
             offset: e.host_offset,
         };
-        at += e.length;
+        at += length;
         match entries.last_mut() {
             Some(last) if last.mergeable(&entry) => last.length += entry.length,
             _ => entries.push(entry),

@@ -7,7 +7,7 @@ use vdisk_formats::image::create_options_help;
 use vdisk_formats::{BlockDev, ExtentKind, Format, FormatSpecific};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{parse_target_format, ImageOpts, Output};
+use crate::image_args::{chain, parse_target_format, HostFiles, ImageOpts, Output};
 use crate::numbers::cvtnum;
 use crate::options::{self, Typed};
 use crate::output::qemu_json;
@@ -121,7 +121,12 @@ pub fn run(args: Args) -> Result<()> {
                     .is_some_and(|o| o.text == "full" || o.text == "falloc"),
                 has_backing: opt("backing_file").is_some(),
             };
-            let (required, fully) = measure_qcow2(&layout, virtual_size, source.as_ref())?;
+            let host_files = match (&args.filename, &source) {
+                (Some(file), Some(_)) => Some(HostFiles::new(&chain(&args.image.image(file)?)?)),
+                _ => None,
+            };
+            let (required, fully) =
+                measure_qcow2(&layout, virtual_size, source.as_ref(), host_files)?;
             let source_has_bitmaps = match &source {
                 Some(dev) => matches!(
                     dev.info().map_err(|e| anyhow!(describe(&e)))?.format_specific,
@@ -161,6 +166,7 @@ fn measure_qcow2(
     layout: &Qcow2Layout,
     size: u64,
     source: Option<&std::sync::Arc<dyn BlockDev>>,
+    mut host_files: Option<HostFiles>,
 ) -> Result<(u64, u64)> {
     let cs = layout.cluster_size;
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
@@ -183,8 +189,14 @@ fn measure_qcow2(
                 let e = dev
                     .extent(off, ssize - off)
                     .map_err(|e| anyhow!(describe(&e)))?;
-                let mut n = e.length;
-                if e.kind == ExtentKind::Data {
+                // Data on holes of the host file reads as zero and needs no cluster.
+                let (mut n, hole) = match (e.kind, e.host_offset, host_files.as_mut()) {
+                    (ExtentKind::Data, Some(host), Some(files)) => {
+                        files.run(e.depth, host, e.length)?
+                    }
+                    _ => (e.length, false),
+                };
+                if e.kind == ExtentKind::Data && !hole {
                     // Count whole clusters, and go on from the end of the last one.
                     n = (off + n).next_multiple_of(cs) - off;
                     data += off % cs + n;
@@ -247,15 +259,15 @@ mod tests {
     fn sizes_match_qemu_img_measure() {
         // Numbers printed by qemu-img 10.0 `measure -O qcow2 [-o ...] --size ...`.
         assert_eq!(
-            measure_qcow2(&layout(65536, 16, false), 1 << 30, None).unwrap(),
+            measure_qcow2(&layout(65536, 16, false), 1 << 30, None, None).unwrap(),
             (393216, 1074135040)
         );
         assert_eq!(
-            measure_qcow2(&layout(4096, 1, false), 100 << 30, None).unwrap(),
+            measure_qcow2(&layout(4096, 1, false), 100 << 30, None, None).unwrap(),
             (213422080, 107587604480)
         );
         assert_eq!(
-            measure_qcow2(&layout(65536, 16, true), 100 << 30, None).unwrap(),
+            measure_qcow2(&layout(65536, 16, true), 100 << 30, None, None).unwrap(),
             (29753344, 107403935744)
         );
     }

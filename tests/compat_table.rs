@@ -1,0 +1,433 @@
+//! The qemu-img command set, case by case, against qemu-img 10.0 (the oracle).
+//!
+//! Every case runs three times on fresh copies of the same fixture images: through the real
+//! `qemu-img`, through `vdisk`, and through a `qemu-img` symlink to the vdisk binary (the drop-in
+//! personality). The runs must agree on the exit status and stdout (JSON parsed, progress lines
+//! dropped); the symlink run must also print the same stderr as qemu-img (program names
+//! normalised); the images each run leaves behind must have the same size and read the same
+//! (`qemu-img compare`), and follow-up `qemu-img` commands on them must print the same.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Outcome;
+use serde_json::Value;
+
+/// How a case's stdout is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Byte for byte (after dropping progress output).
+    Text,
+    /// Parsed as JSON.
+    Json,
+}
+
+#[derive(Debug)]
+struct Case {
+    /// Arguments after the program name; run in the case's directory.
+    args: &'static [&'static str],
+    /// qemu-img commands run first (in every run's directory).
+    prep: &'static [&'static [&'static str]],
+    /// Images the command creates or changes, compared between the runs afterwards.
+    outputs: &'static [&'static str],
+    /// qemu-img commands run afterwards; their stdout must agree (JSON without `actual-size`).
+    post: &'static [&'static [&'static str]],
+    stdout: Out,
+}
+
+const C: Case = Case {
+    args: &[],
+    prep: &[],
+    outputs: &[],
+    post: &[],
+    stdout: Out::Text,
+};
+
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    // --- the seed tutorial, then create ---------------------------------------------------------
+    Case { args: &["create", "-f", "raw", "example", "10G"], outputs: &["example"], ..C },
+    Case { args: &["info", "example"], prep: &[&["create", "-q", "-f", "raw", "example", "10G"]], ..C },
+    Case { args: &["create", "-f", "qcow2", "new.qcow2", "64M"], outputs: &["new.qcow2"], post: &[&["info", "--output=json", "new.qcow2"]], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on", "new.qcow2", "1G"], outputs: &["new.qcow2"], ..C },
+    Case { args: &["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"], outputs: &["ov.qcow2"], post: &[&["info", "--output=json", "ov.qcow2"]], ..C },
+    Case { args: &["create", "-f", "qcow2", "-b", "base.qcow2", "ov.qcow2"], ..C },
+    Case { args: &["create", "-f", "qcow2", "-u", "-b", "nope", "-F", "qcow2", "ov.qcow2", "1M"], outputs: &["ov.qcow2"], ..C },
+    Case { args: &["create", "-f", "qcow2", "-b", "nope", "-F", "qcow2", "ov.qcow2"], ..C },
+    Case { args: &["create", "-f", "raw", "bad.img", "1X"], ..C },
+    Case { args: &["create", "-f", "foo", "x.img", "1M"], ..C },
+    // --- info ---------------------------------------------------------------------------------------
+    Case { args: &["info", "q.qcow2"], ..C },
+    Case { args: &["info", "--output=json", "q.qcow2"], stdout: Out::Json, ..C },
+    Case { args: &["info", "--backing-chain", "top.qcow2"], ..C },
+    Case { args: &["info", "missing.img"], ..C },
+    Case { args: &["info", "-f", "qcow2", "raw.img"], ..C },
+    Case { args: &["info"], ..C },
+    // --- convert ------------------------------------------------------------------------------------
+    Case { args: &["convert", "-O", "qcow2", "raw.img", "out.qcow2"], outputs: &["out.qcow2"], post: &[&["check", "out.qcow2"]], ..C },
+    Case { args: &["convert", "-f", "qcow2", "-O", "raw", "q.qcow2", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "-c", "-O", "qcow2", "raw.img", "out.qcow2"], outputs: &["out.qcow2"], post: &[&["check", "out.qcow2"]], ..C },
+    Case { args: &["convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "raw.img", "out.qcow2"], outputs: &["out.qcow2"], post: &[&["info", "--output=json", "out.qcow2"]], ..C },
+    Case { args: &["convert", "-O", "qcow2", "-o", "cluster_size=4k,compat=0.10", "raw.img", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "-O", "raw", "raw.img", "small.raw", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "-O", "qcow2", "top.qcow2", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "-n", "-O", "raw", "raw.img", "target.raw"], prep: &[&["create", "-q", "-f", "raw", "target.raw", "16M"]], outputs: &["target.raw"], ..C },
+    Case { args: &["convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw", "raw.img", "target.raw"], prep: &[&["create", "-q", "-f", "raw", "target.raw", "8M"]], outputs: &["target.raw"], ..C },
+    Case { args: &["convert", "-S", "0", "-O", "raw", "q.qcow2", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "-m", "4", "-W", "-O", "qcow2", "raw.img", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "-p", "-O", "qcow2", "raw.img", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "-C", "-O", "raw", "raw.img", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "missing.img", "out.raw"], ..C },
+    Case { args: &["convert", "-O", "foo", "raw.img", "out"], ..C },
+    Case { args: &["convert", "-c", "-O", "raw", "raw.img", "out"], ..C },
+    Case { args: &["convert", "-S", "100", "raw.img", "out"], ..C },
+    Case { args: &["convert", "-m", "0", "raw.img", "out"], ..C },
+    Case { args: &["convert", "raw.img"], ..C },
+    Case { args: &["convert", "-n", "-f", "raw", "-O", "raw", "raw.img", "small.raw"], ..C },
+    Case { args: &["convert", "--target-is-zero", "raw.img", "out"], ..C },
+    Case { args: &["convert", "-O", "qcow2", "-o", "foo=1", "raw.img", "out"], ..C },
+    Case { args: &["convert", "-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out"], ..C },
+    Case { args: &["convert", "-Z", "raw.img", "out"], ..C },
+    // --- map --------------------------------------------------------------------------------------------
+    Case { args: &["map", "q.qcow2"], ..C },
+    Case { args: &["map", "--output=json", "q.qcow2"], stdout: Out::Json, ..C },
+    Case { args: &["map", "-f", "raw", "raw.img"], ..C },
+    Case { args: &["map", "--output=json", "top.qcow2"], stdout: Out::Json, ..C },
+    Case { args: &["map", "--output=json", "--start-offset", "1M", "--max-length", "2M", "top.qcow2"], stdout: Out::Json, ..C },
+    Case { args: &["map", "top.qcow2"], ..C },
+    Case { args: &["map", "--output=foo", "raw.img"], ..C },
+    Case { args: &["map", "--start-offset", "1X", "raw.img"], ..C },
+    Case { args: &["map", "missing.img"], ..C },
+    // --- compare ----------------------------------------------------------------------------------------
+    Case { args: &["compare", "raw.img", "raw.img"], ..C },
+    Case { args: &["compare", "raw.img", "q.qcow2"], ..C },
+    Case { args: &["compare", "-s", "raw.img", "small.raw"], ..C },
+    Case { args: &["compare", "raw.img", "small.raw"], ..C },
+    Case { args: &["compare", "-s", "q.qcow2", "q.qcow2"], ..C },
+    Case { args: &["compare", "-f", "raw", "-F", "qcow2", "raw.img", "raw.img"], ..C },
+    Case { args: &["compare", "top.qcow2", "flat.raw"], prep: &[&["convert", "-O", "raw", "top.qcow2", "flat.raw"]], ..C },
+    Case { args: &["compare", "missing.img", "raw.img"], ..C },
+    Case { args: &["compare", "raw.img"], ..C },
+    // --- check ------------------------------------------------------------------------------------------
+    Case { args: &["check", "q.qcow2"], ..C },
+    Case { args: &["check", "--output=json", "q.qcow2"], stdout: Out::Json, ..C },
+    Case { args: &["check", "raw.img"], ..C },
+    Case { args: &["check", "-r", "all", "q.qcow2"], outputs: &["q.qcow2"], ..C },
+    Case { args: &["check", "-f", "qcow2", "raw.img"], ..C },
+    Case { args: &["check", "-r", "foo", "q.qcow2"], ..C },
+    Case { args: &["check", "missing.img"], ..C },
+    // --- resize -----------------------------------------------------------------------------------------
+    Case { args: &["resize", "-f", "raw", "raw.img", "+1M"], outputs: &["raw.img"], ..C },
+    Case { args: &["resize", "q.qcow2", "16M"], outputs: &["q.qcow2"], post: &[&["check", "q.qcow2"]], ..C },
+    Case { args: &["resize", "q.qcow2", "4M"], outputs: &["q.qcow2"], ..C },
+    Case { args: &["resize", "--shrink", "-f", "qcow2", "q.qcow2", "7M"], outputs: &["q.qcow2"], post: &[&["check", "q.qcow2"]], ..C },
+    Case { args: &["resize", "-f", "raw", "raw.img", "1X"], ..C },
+    Case { args: &["resize", "-f", "raw", "raw.img"], ..C },
+    // --- measure ----------------------------------------------------------------------------------------
+    Case { args: &["measure", "-O", "qcow2", "--size", "10G"], ..C },
+    Case { args: &["measure", "--output=json", "-O", "qcow2", "raw.img"], stdout: Out::Json, ..C },
+    Case { args: &["measure", "-O", "qcow2", "-o", "cluster_size=4k", "raw.img"], ..C },
+    Case { args: &["measure", "-O", "qcow2", "base.qcow2"], ..C },
+    Case { args: &["measure", "-O", "qcow2", "-o", "cluster_size=4k", "q.qcow2"], ..C },
+    Case { args: &["measure", "-O", "raw", "top.qcow2"], ..C },
+    Case { args: &["measure"], ..C },
+    // --- dd ---------------------------------------------------------------------------------------------
+    Case { args: &["dd", "if=raw.img", "of=out.raw", "bs=64k", "count=20", "skip=2"], outputs: &["out.raw"], ..C },
+    Case { args: &["dd", "-O", "qcow2", "if=q.qcow2", "of=out.qcow2", "bs=1M"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["dd", "if=raw.img", "of=out.raw", "foo=1"], ..C },
+    Case { args: &["dd", "if=raw.img"], ..C },
+    // --- snapshot ---------------------------------------------------------------------------------------
+    Case { args: &["snapshot", "-l", "snap.qcow2"], ..C },
+    Case { args: &["snapshot", "-a", "s1", "snap.qcow2"], outputs: &["snap.qcow2"], post: &[&["check", "snap.qcow2"]], ..C },
+    Case { args: &["snapshot", "-d", "s1", "snap.qcow2"], outputs: &["snap.qcow2"], post: &[&["snapshot", "-l", "snap.qcow2"], &["check", "snap.qcow2"]], ..C },
+    Case { args: &["snapshot", "-c", "s2", "q.qcow2"], outputs: &["q.qcow2"], post: &[&["check", "q.qcow2"]], ..C },
+    Case { args: &["snapshot", "-a", "nope", "snap.qcow2"], ..C },
+    Case { args: &["snapshot", "-l", "-c", "x", "snap.qcow2"], ..C },
+    // --- commit -----------------------------------------------------------------------------------------
+    Case { args: &["commit", "top.qcow2"], outputs: &["top.qcow2", "base.qcow2"], post: &[&["map", "--output=json", "top.qcow2"], &["check", "base.qcow2"]], ..C },
+    Case { args: &["commit", "-d", "top.qcow2"], outputs: &["top.qcow2", "base.qcow2"], ..C },
+    Case { args: &["commit", "-b", "nope", "top.qcow2"], ..C },
+    Case { args: &["commit", "q.qcow2"], ..C },
+    // --- rebase -----------------------------------------------------------------------------------------
+    Case { args: &["rebase", "-b", "newbase.qcow2", "-F", "qcow2", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["info", "top.qcow2"], &["check", "top.qcow2"]], ..C },
+    Case { args: &["rebase", "-u", "-b", "newbase.qcow2", "-F", "qcow2", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["info", "top.qcow2"]], ..C },
+    Case { args: &["rebase", "-b", "", "top.qcow2"], outputs: &["top.qcow2"], post: &[INFO_JSON_TOP], ..C },
+    Case { args: &["rebase", "-b", "newbase.qcow2", "top.qcow2"], ..C },
+    Case { args: &["rebase", "top.qcow2"], ..C },
+    // --- amend ------------------------------------------------------------------------------------------
+    Case { args: &["amend", "-o", "compat=1.1", "v2.qcow2"], outputs: &["v2.qcow2"], post: &[&["info", "v2.qcow2"], &["check", "v2.qcow2"]], ..C },
+    Case { args: &["amend", "-o", "lazy_refcounts=on", "q.qcow2"], outputs: &["q.qcow2"], post: &[&["info", "q.qcow2"]], ..C },
+    Case { args: &["amend", "-o", "cluster_size=4k", "q.qcow2"], ..C },
+    Case { args: &["amend", "-f", "raw", "-o", "size=1M", "raw.img"], ..C },
+    Case { args: &["amend", "-o", "backing_file=base.qcow2", "q.qcow2"], ..C },
+    // --- the top level -----------------------------------------------------------------------------------
+    Case { args: &["foo"], ..C },
+];
+
+const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
+
+/// Runs qemu-img in `dir` (the guest writes of the fixture go through `common::qemu_io`).
+fn qemu(dir: &Path, args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success(), "qemu-img {args:?}: {:?}", out);
+}
+
+/// The images every case starts from (small and sparse): format, file, size (empty: the backing
+/// file's), more `qemu-img create` options, then the guest writes qemu-io makes.
+#[rustfmt::skip]
+const FIXTURE: &[(&str, &str, &str, &[&str], &[&str])] = &[
+    ("raw", "raw.img", "8M", &[], &["write -P 0xa5 0 1M", "write -P 0x5a 3M 64k"]),
+    ("raw", "small.raw", "1M", &[], &["write -P 0x11 4k 4k"]),
+    ("qcow2", "q.qcow2", "8M", &[], &["write -P 1 0 1M", "write -z 2M 1M", "write -c -P 3 4M 64k", "write -P 4 6M 4k"]),
+    ("qcow2", "base.qcow2", "8M", &[], &["write -P 7 0 4M", "write -P 8 7M 64k"]),
+    ("qcow2", "top.qcow2", "", &["-b", "base.qcow2", "-F", "qcow2"], &["write -P 9 1M 128k", "write -z 3M 64k"]),
+    ("qcow2", "newbase.qcow2", "8M", &[], &["write -P 7 0 1M", "write -P 2 5M 1M"]),
+    ("qcow2", "v2.qcow2", "8M", &["-o", "compat=0.10"], &["write -P 6 0 256k"]),
+    ("qcow2", "snap.qcow2", "8M", &[], &["write -P 1 0 64k"]),
+];
+
+fn make_fixture(dir: &Path) {
+    for (format, file, size, options, writes) in FIXTURE {
+        let mut args = vec!["create", "-q", "-f", format];
+        args.extend(*options);
+        args.push(file);
+        args.extend((!size.is_empty()).then_some(*size));
+        qemu(dir, &args);
+        common::qemu_io(format, &dir.join(file), writes);
+    }
+    // snap.qcow2 holds snapshot s1 of its first contents, then newer data.
+    qemu(dir, &["snapshot", "-c", "s1", "snap.qcow2"]);
+    common::qemu_io("qcow2", &dir.join("snap.qcow2"), &["write -P 2 0 128k"]);
+}
+
+/// A fresh copy of the fixture (holes kept).
+fn copy_fixture(fixture: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(format!("{}/.", fixture.display()))
+        .arg(to)
+        .status()
+        .expect("cp runs");
+    assert!(status.success());
+}
+
+fn run(program: &Path, args: &[&str], dir: &Path) -> Outcome {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    Outcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// stdout without qemu-img's `    (x.xx/100%)\r` progress records.
+fn without_progress(text: &str) -> String {
+    let mut out = String::new();
+    for piece in text.split_inclusive('\r') {
+        if !(piece.ends_with("/100%)\r") && piece.trim_start().starts_with('(')) {
+            out.push_str(piece);
+        }
+    }
+    out
+}
+
+fn without_actual_size(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("actual-size");
+            m.values_mut().for_each(without_actual_size);
+        }
+        Value::Array(a) => a.iter_mut().for_each(without_actual_size),
+        _ => {}
+    }
+}
+
+fn same_stdout(kind: Out, ours: &str, theirs: &str) -> bool {
+    match kind {
+        Out::Text => without_progress(ours) == without_progress(theirs),
+        Out::Json => {
+            let parse = |t: &str| serde_json::from_str::<Value>(t).ok();
+            match (parse(ours), parse(theirs)) {
+                (Some(a), Some(b)) => a == b,
+                _ => ours == theirs,
+            }
+        }
+    }
+}
+
+/// The virtual size of an image and whether it reads like `reference` (qemu-img compare).
+fn same_image(reference: &Path, other: &Path) -> Result<(), String> {
+    let size = |p: &Path| {
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(p)
+            .output()
+            .expect("qemu-img info runs");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["virtual-size"].as_u64())
+    };
+    if size(reference) != size(other) {
+        return Err(format!(
+            "virtual sizes differ: {:?} {:?}",
+            size(reference),
+            size(other)
+        ));
+    }
+    if size(reference).is_none() {
+        return Ok(());
+    }
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .arg(reference)
+        .arg(other)
+        .output()
+        .expect("qemu-img compare runs");
+    match out.status.code() {
+        Some(0) => Ok(()),
+        // Images whose backing file is missing: compare what `info` says instead.
+        Some(2) => {
+            let info = |p: &Path| {
+                let out = Command::new("qemu-img")
+                    .args(["info", "--output=json", "-U"])
+                    .arg(p)
+                    .current_dir(p.parent().unwrap())
+                    .output()
+                    .expect("qemu-img info runs");
+                let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                without_actual_size(&mut v);
+                v.to_string()
+                    .replace(&p.parent().unwrap().display().to_string(), "")
+            };
+            if info(reference) == info(other) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "info differs:\n{}\n{}",
+                    info(other),
+                    info(reference)
+                ))
+            }
+        }
+        _ => Err(String::from_utf8_lossy(&out.stdout).into_owned()),
+    }
+}
+
+/// One run of a case: its outcome and the stdout of the follow-up commands.
+struct Run {
+    dir: tempfile::TempDir,
+    outcome: Outcome,
+    post: Vec<String>,
+}
+
+fn run_case(program: &Path, case: &Case, fixture: &Path) -> Run {
+    let dir = common::temp_dir();
+    copy_fixture(fixture, dir.path());
+    for prep in case.prep {
+        qemu(dir.path(), prep);
+    }
+    let outcome = run(program, case.args, dir.path());
+    let post = case
+        .post
+        .iter()
+        .map(|args| {
+            let out = run(Path::new("qemu-img"), args, dir.path());
+            match serde_json::from_str::<Value>(&out.stdout) {
+                Ok(mut v) => {
+                    without_actual_size(&mut v);
+                    v.to_string()
+                }
+                // `disk size` lines depend on how each tool happened to allocate.
+                Err(_) => out
+                    .stdout
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("disk size:"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            }
+        })
+        .collect();
+    Run { dir, outcome, post }
+}
+
+#[test]
+fn vdisk_and_its_qemu_img_link_behave_like_qemu_img() {
+    let fixture = common::temp_dir();
+    make_fixture(fixture.path());
+    let links = common::temp_dir();
+    let link: PathBuf = links.path().join("qemu-img");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vdisk"), &link).unwrap();
+    let vdisk = PathBuf::from(env!("CARGO_BIN_EXE_vdisk"));
+    assert!(CASES.len() >= 60, "{} cases", CASES.len());
+
+    let mut failures = Vec::new();
+    for case in CASES {
+        let theirs = run_case(Path::new("qemu-img"), case, fixture.path());
+        for (label, program) in [("vdisk", &vdisk), ("qemu-img link", &link)] {
+            let ours = run_case(program, case, fixture.path());
+            let mut why = Vec::new();
+            if ours.outcome.code != theirs.outcome.code {
+                why.push(format!(
+                    "exit status {:?}, qemu-img {:?}",
+                    ours.outcome.code, theirs.outcome.code
+                ));
+            }
+            if !same_stdout(case.stdout, &ours.outcome.stdout, &theirs.outcome.stdout) {
+                why.push(format!(
+                    "stdout:\n{}\nqemu-img:\n{}",
+                    ours.outcome.stdout, theirs.outcome.stdout
+                ));
+            }
+            // The drop-in must word its messages as qemu-img does.
+            if label == "qemu-img link"
+                && ours.outcome.stderr_normalised() != theirs.outcome.stderr_normalised()
+            {
+                why.push(format!(
+                    "stderr:\n{}qemu-img:\n{}",
+                    ours.outcome.stderr, theirs.outcome.stderr
+                ));
+            }
+            for name in case.outputs {
+                let (a, b) = (theirs.dir.path().join(name), ours.dir.path().join(name));
+                match (a.exists(), b.exists()) {
+                    (true, true) => {
+                        if let Err(e) = same_image(&a, &b) {
+                            why.push(format!("{name}: {e}"));
+                        }
+                    }
+                    (x, y) if x != y => why.push(format!("{name}: exists {y}, qemu-img {x}")),
+                    _ => {}
+                }
+            }
+            if ours.post != theirs.post {
+                why.push(format!(
+                    "after {:?}:\n{:?}\nqemu-img:\n{:?}",
+                    case.post, ours.post, theirs.post
+                ));
+            }
+            if !why.is_empty() {
+                failures.push(format!("{label} {:?}: {}", case.args, why.join("; ")));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} runs differ from qemu-img:\n{}",
+        failures.len(),
+        CASES.len() * 2,
+        failures.join("\n\n")
+    );
+}
