@@ -117,9 +117,10 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Arc<dyn BlockDev>> {
     open_layer(path, opts, &mut ChainCtx::default())
 }
 
-/// Opens an image like [`open`], with the passphrase that unlocks an encrypted (LUKS) image.
-/// A LUKS image opened without one fails with `InvalidArgument`; a wrong one with "Invalid
-/// password, cannot unlock any keyslot".
+/// Opens an image like [`open`], with the passphrase that unlocks an encrypted image (LUKS, or
+/// qcow2 with `encrypt.format=luks`). An encrypted image opened without one fails with
+/// `InvalidArgument`; a wrong one with "Invalid password, cannot unlock any keyslot". Backing
+/// files are opened without the passphrase.
 pub fn open_with_secret(
     path: &Path,
     opts: OpenOptions,
@@ -131,6 +132,17 @@ pub fn open_with_secret(
     };
     match (format, secret) {
         (Format::Luks, Some(pw)) => Ok(Arc::new(Luks::open(path, opts.read_only, pw)?)),
+        (Format::Qcow2, Some(pw)) => {
+            let mut ctx = ChainCtx::default();
+            ctx.enter(path)?;
+            let chain = if opts.no_backing {
+                None
+            } else {
+                Some(&mut ctx)
+            };
+            let img = Qcow2::open_with_secret(path, opts.read_only, chain, Some(pw))?;
+            Ok(Arc::new(img))
+        }
         _ => open(
             path,
             OpenOptions {
@@ -227,6 +239,51 @@ const QCOW2_OPTIONS: &[OptionDesc] = &[
         help: "Compression method used for image cluster compression",
     },
     OptionDesc {
+        name: "encrypt.cipher-alg",
+        kind: "str",
+        help: "Name of encryption cipher algorithm",
+    },
+    OptionDesc {
+        name: "encrypt.cipher-mode",
+        kind: "str",
+        help: "Name of encryption cipher mode",
+    },
+    OptionDesc {
+        name: "encrypt.format",
+        kind: "str",
+        help: "Encrypt the image, format choices: 'aes', 'luks'",
+    },
+    OptionDesc {
+        name: "encrypt.hash-alg",
+        kind: "str",
+        help: "Name of encryption hash algorithm",
+    },
+    OptionDesc {
+        name: "encrypt.iter-time",
+        kind: "num",
+        help: "Time to spend in PBKDF in milliseconds",
+    },
+    OptionDesc {
+        name: "encrypt.ivgen-alg",
+        kind: "str",
+        help: "Name of IV generator algorithm",
+    },
+    OptionDesc {
+        name: "encrypt.ivgen-hash-alg",
+        kind: "str",
+        help: "Name of IV generator hash algorithm",
+    },
+    OptionDesc {
+        name: "encrypt.key-secret",
+        kind: "str",
+        help: "ID of secret providing qcow AES key or LUKS passphrase",
+    },
+    OptionDesc {
+        name: "encryption",
+        kind: "bool (on/off)",
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    },
+    OptionDesc {
         name: "extended_l2",
         kind: "bool (on/off)",
         help: "Extended L2 tables",
@@ -287,9 +344,14 @@ impl CreateOptions {
         let mut size = size;
         let mut qcow = qcow2::CreateOptions::default();
         let mut prealloc = Preallocation::Off;
+        let mut encrypt = Vec::new();
         for (key, value) in pairs {
             if !known.iter().any(|o| o.name == key) {
                 return Err(Error::argument(format!("Invalid parameter '{key}'")));
+            }
+            if key.starts_with("encrypt.") {
+                encrypt.push((key.clone(), value.clone()));
+                continue;
             }
             match key.as_str() {
                 "size" => size = Some(parse_size(value)?),
@@ -329,6 +391,11 @@ impl CreateOptions {
                         Error::argument("Parameter 'refcount_bits' expects a number")
                     })?
                 }
+                "encryption" => {
+                    if parse_bool(key, value)? {
+                        encrypt.push(("encrypt.format".into(), "aes".into()));
+                    }
+                }
                 _ => unreachable!("every known option is handled"),
             }
         }
@@ -352,6 +419,7 @@ impl CreateOptions {
                 }
                 qcow.size = size;
                 qcow.preallocation = prealloc;
+                qcow.encrypt = qcow2_encrypt_options(&encrypt)?;
                 qcow.validate()?;
                 Ok(CreateOptions::Qcow2(qcow))
             }
@@ -366,6 +434,50 @@ impl CreateOptions {
             CreateOptions::Luks(_) => Format::Luks,
         }
     }
+}
+
+/// The LUKS options of a new qcow2 image from its `encrypt.*` pairs (qemu's names and defaults);
+/// `None` when it is not encrypted.
+fn qcow2_encrypt_options(pairs: &[(String, String)]) -> Result<Option<LuksCreateOptions>> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut format = None;
+    let mut inner = Vec::new();
+    for (key, value) in pairs {
+        match key.strip_prefix("encrypt.") {
+            Some("format") => format = Some(value.as_str()),
+            Some(k) => inner.push((k.to_string(), value.clone())),
+            None => unreachable!("only encrypt.* pairs are collected"),
+        }
+    }
+    match format {
+        None => return Err(Error::argument("Parameter 'encrypt.format' is missing")),
+        Some("luks") => {}
+        Some("aes") => {
+            return Err(Error::argument(
+                "qcow2 legacy AES encryption (encrypt.format=aes, encryption=on) is not \
+                 supported; use encrypt.format=luks",
+            ))
+        }
+        Some(other) => {
+            return Err(Error::argument(format!(
+                "Parameter 'encrypt.format' does not accept value '{other}'"
+            )))
+        }
+    }
+    if !inner.iter().any(|(k, _)| k == "key-secret") {
+        return Err(Error::argument(
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ));
+    }
+    let o = LuksCreateOptions::from_pairs(Some(0), &inner).map_err(|e| match e {
+        Error::InvalidArgument { what } => Error::InvalidArgument {
+            what: what.replace("Parameter '", "Parameter 'encrypt."),
+        },
+        other => other,
+    })?;
+    Ok(Some(o))
 }
 
 /// Creates an image (an existing file is replaced).

@@ -83,6 +83,10 @@ pub struct Qcow2Info {
     pub refcount_bits: u32,
     pub corrupt: Option<bool>,
     pub extended_l2: Option<bool>,
+    /// The LUKS header of an encrypted image (`encrypt.format=luks`). qemu-img prints it as
+    /// `encrypt`, after `refcount-bits`, with the keys of a LUKS image's data plus `"format":
+    /// "luks"` (after `uuid`).
+    pub encrypt: Option<Box<LuksInfo>>,
 }
 
 /// `format-specific.data` of a LUKS image. qemu-img prints the first fields with these keys:

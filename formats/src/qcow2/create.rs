@@ -1,11 +1,14 @@
 //! Creating qcow2 images.
 //!
 //! Layout, as QEMU lays out a fresh image: header cluster, refcount table, refcount blocks, L1
-//! table; with preallocation the L2 tables and data clusters follow.
+//! table; with preallocation the L2 tables and data clusters follow; an encrypted image has its
+//! LUKS header in the clusters after all that.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::compressed::CompressionType;
+use super::crypt::{self, Crypt, CryptoArea};
 use super::entry::COPIED;
 use super::header::{
     self, default_feature_table, Extension, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
@@ -13,6 +16,7 @@ use super::header::{
 use super::refcount::set_entry;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
+use crate::luks::LuksCreateOptions;
 use crate::Preallocation;
 
 /// Options of `create -f qcow2`.
@@ -36,6 +40,10 @@ pub struct CreateOptions {
     pub compression_type: CompressionType,
     /// Extended L2 entries: 32 subclusters per cluster (`extended_l2=on`).
     pub extended_l2: bool,
+    /// Encrypt the image with a LUKS1 header (`encrypt.format=luks` and the other `encrypt.*`
+    /// options). `key_secret` names the secret object; the caller resolves it and stores the
+    /// passphrase in `passphrase`, as for [`crate::CreateOptions::Luks`].
+    pub encrypt: Option<LuksCreateOptions>,
 }
 
 impl Default for CreateOptions {
@@ -52,6 +60,7 @@ impl Default for CreateOptions {
             open_backing: true,
             compression_type: CompressionType::Zlib,
             extended_l2: false,
+            encrypt: None,
         }
     }
 }
@@ -100,6 +109,14 @@ impl CreateOptions {
                 "Image size must be a multiple of 512 bytes",
             ));
         }
+        if let Some(e) = &self.encrypt {
+            e.validate()?;
+            if e.version != crate::luks::LuksVersion::V1 {
+                return Err(Error::argument(
+                    "qcow2 encryption uses LUKS1 headers (as QEMU does)",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -117,6 +134,8 @@ struct Layout {
     l2_count: u64,
     data: u64,
     data_clusters: u64,
+    /// The LUKS header of an encrypted image (its clusters end the image).
+    crypto: u64,
     total: u64,
 }
 
@@ -125,8 +144,10 @@ fn l2_entries(opts: &CreateOptions) -> u64 {
     opts.cluster_size / if opts.extended_l2 { 16 } else { 8 }
 }
 
-fn layout(opts: &CreateOptions, size: u64) -> Result<Layout> {
+/// Where everything goes; `crypto_bytes` is the size of the LUKS header (0 without encryption).
+fn layout(opts: &CreateOptions, size: u64, crypto_bytes: u64) -> Result<Layout> {
     let cs = opts.cluster_size;
+    let crypto_clusters = crypto_bytes.div_ceil(cs);
     let l2_entries = l2_entries(opts);
     let l1_entries = size.div_ceil(cs * l2_entries);
     if l1_entries * 8 > MAX_L1_BYTES {
@@ -142,7 +163,7 @@ fn layout(opts: &CreateOptions, size: u64) -> Result<Layout> {
         (0, 0)
     };
     let per_block = cs * 8 / u64::from(opts.refcount_bits);
-    let fixed = 1 + l1_clusters + l2_count + data_clusters;
+    let fixed = 1 + l1_clusters + l2_count + data_clusters + crypto_clusters;
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
         let total = fixed + rt + rb;
@@ -164,6 +185,7 @@ fn layout(opts: &CreateOptions, size: u64) -> Result<Layout> {
     let l1 = refblocks + rb;
     let l2 = l1 + l1_clusters;
     let data = l2 + l2_count;
+    let crypto = data + data_clusters;
     Ok(Layout {
         reftable,
         reftable_clusters: rt,
@@ -175,7 +197,8 @@ fn layout(opts: &CreateOptions, size: u64) -> Result<Layout> {
         l2_count,
         data,
         data_clusters,
-        total: data + data_clusters,
+        crypto,
+        total: crypto + crypto_clusters,
     })
 }
 
@@ -218,18 +241,30 @@ fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
 /// Creates a qcow2 image at `path` (an existing file is replaced).
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
+    let crypto_bytes = match &opts.encrypt {
+        Some(e) => crypt::check_create(e)?,
+        None => 0,
+    };
     let size = resolve_size(path, opts)?;
-    let lay = layout(opts, size)?;
+    let lay = layout(opts, size, crypto_bytes)?;
     let cs = opts.cluster_size;
     let cluster_bits = cs.trailing_zeros();
-    let file = HostFile::create(path)?;
+    let file = Arc::new(HostFile::create(path)?);
+    let crypto_area = opts.encrypt.as_ref().map(|_| CryptoArea {
+        offset: lay.crypto * cs,
+        length: crypto_bytes,
+    });
 
     let v3 = opts.version >= 3;
     let header = Header {
         version: opts.version,
         cluster_bits,
         size,
-        crypt_method: 0,
+        crypt_method: if crypto_area.is_some() {
+            header::crypt_method::LUKS
+        } else {
+            header::crypt_method::NONE
+        },
         l1_size: lay.l1_entries as u32,
         l1_table_offset: lay.l1 * cs,
         refcount_table_offset: lay.reftable * cs,
@@ -266,6 +301,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 kind: header::ext::BACKING_FORMAT,
                 data: f.as_bytes().to_vec(),
             })
+            .chain(crypto_area.map(|a| Extension {
+                kind: header::ext::CRYPTO,
+                data: a.encode(),
+            }))
             .chain(v3.then(default_feature_table))
             .collect(),
         backing_file: opts.backing_file.clone(),
@@ -322,6 +361,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     }
     let data_bytes = lay.data_clusters * cs;
     match opts.preallocation {
+        Preallocation::Off if crypto_area.is_some() => file.set_len(lay.total * cs)?,
         Preallocation::Off => {
             let l1_end = lay.l1 * cs + (lay.l1_entries * 8).next_multiple_of(512).max(512);
             file.set_len(l1_end)?;
@@ -336,6 +376,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             file.set_len(lay.total * cs)?;
         }
     }
+    if let (Some(area), Some(e)) = (crypto_area, &opts.encrypt) {
+        // The header clusters read as zero (a fresh file) before the header is written.
+        Crypt::format(&file, area, e)?;
+    }
     file.sync()
 }
 
@@ -345,12 +389,25 @@ mod tests {
 
     #[test]
     fn default_layout_matches_qemu() {
-        let lay = layout(&CreateOptions::default(), 1 << 30).unwrap();
+        let lay = layout(&CreateOptions::default(), 1 << 30, 0).unwrap();
         assert_eq!(
             (lay.reftable, lay.refblocks, lay.l1, lay.total),
             (1, 2, 3, 4)
         );
         assert_eq!(lay.l1_entries, 2);
+    }
+
+    #[test]
+    fn the_luks_header_follows_the_initial_metadata_as_in_qemu() {
+        // qemu-img 10: AES-256-XTS header of 0x1f9000 bytes at cluster 4, file of 36 clusters.
+        let lay = layout(&CreateOptions::default(), 64 << 20, 0x1f_9000).unwrap();
+        assert_eq!((lay.l1, lay.crypto, lay.total), (3, 4, 36));
+        let prealloc = CreateOptions {
+            preallocation: Preallocation::Metadata,
+            ..Default::default()
+        };
+        let lay = layout(&prealloc, 4 << 20, 0x1f_9000).unwrap();
+        assert_eq!(lay.crypto * 65536, 0x45_0000, "after the preallocated data");
     }
 
     #[test]
@@ -360,7 +417,7 @@ mod tests {
             refcount_bits: 64,
             ..Default::default()
         };
-        let lay = layout(&opts, 8 << 30).unwrap();
+        let lay = layout(&opts, 8 << 30, 0).unwrap();
         let per_block = 512 * 8 / 64;
         assert!(lay.refblock_count * per_block >= lay.total);
         assert!(lay.reftable_clusters * 64 >= lay.refblock_count);

@@ -20,12 +20,14 @@
 //! An image left dirty (lazy refcounts, the writer died) gets its refcounts rebuilt on the first
 //! read-write open, as QEMU does; vdisk itself keeps refcounts exact and never sets the bit.
 //!
-//! Not handled yet, refused with a clear error: external data files and encryption.
+//! Encrypted images (`encrypt.format=luks`) decrypt and encrypt data clusters on the way
+//! (crypt.rs). Images with an external data file are read-only.
 
 pub mod amend;
 pub mod check;
 pub mod compressed;
 mod create;
+mod crypt;
 pub mod entry;
 pub mod header;
 mod l2_cache;
@@ -44,7 +46,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use compressed::CompressionType;
 pub use create::{create, CreateOptions};
-use header::{incompat, Header};
+use crypt::Crypt;
+pub use crypt::{amend_encryption, amend_pairs, crypto_area, CryptoArea};
+use header::{crypt_method, incompat, Header};
 use l2_cache::L2Cache;
 use mapping::Mapping;
 use overlap::MetadataClusters;
@@ -57,6 +61,7 @@ use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 use crate::image::{open_layer, OpenOptions};
 use crate::info::{file_node, BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info};
+use crate::luks::Passphrase;
 
 /// Memory the L2 cache may use (QEMU's default maximum on Linux).
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -136,7 +141,8 @@ impl Meta {
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2 {
-    file: HostFile,
+    /// Shared with the LUKS header of an encrypted image.
+    file: Arc<HostFile>,
     read_only: bool,
     geo: Geometry,
     l1_offset: u64,
@@ -156,6 +162,8 @@ pub struct Qcow2 {
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// The external data file holding the guest data, when the image has one (read-only).
     data_file: Option<HostFile>,
+    /// The unlocked LUKS header of an encrypted image.
+    crypt: Option<Crypt>,
 }
 
 impl Qcow2 {
@@ -167,14 +175,33 @@ impl Qcow2 {
     }
 
     /// Opens a qcow2 image; `chain` carries the images above it (already including this one), or
-    /// is `None` to leave the backing file closed.
+    /// is `None` to leave the backing file closed. An encrypted image fails to open: it needs
+    /// [`Qcow2::open_with_secret`].
     pub fn open_with(path: &Path, read_only: bool, chain: Option<&mut ChainCtx>) -> Result<Self> {
-        let file = HostFile::open(path, read_only)?;
+        Self::open_with_secret(path, read_only, chain, None)
+    }
+
+    /// [`Qcow2::open_with`], with the passphrase of an encrypted (`encrypt.format=luks`) image.
+    /// Without one an encrypted image fails with `InvalidArgument` ("Parameter
+    /// 'encrypt.key-secret' is required for cipher"); a wrong one with "Invalid password, cannot
+    /// unlock any keyslot". The passphrase of an unencrypted image is ignored, and backing files
+    /// are opened without it.
+    pub fn open_with_secret(
+        path: &Path,
+        read_only: bool,
+        chain: Option<&mut ChainCtx>,
+        secret: Option<&Passphrase>,
+    ) -> Result<Self> {
+        let file = Arc::new(HostFile::open(path, read_only)?);
         let file_len = file.len()?;
         let mut first = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(file_len as usize)];
         file.read_at(&mut first, 0)?;
         let header = Header::parse(path, &first, file_len)?;
         check_features(path, &header, read_only)?;
+        let crypto = crypto_area(path, &header, file_len)?;
+        if crypto.is_some() && secret.is_none() {
+            return Err(crypt::secret_required(path));
+        }
         if !read_only && header.incompatible_features & incompat::DIRTY != 0 {
             // Left dirty with lazy refcounts: QEMU rebuilds the refcounts on the first
             // read-write open, and so do we, before anything else touches the image.
@@ -187,8 +214,12 @@ impl Qcow2 {
                     format!("repairing the refcounts of a dirty image failed: {why}"),
                 ));
             }
-            return Self::open_with(path, read_only, chain);
+            return Self::open_with_secret(path, read_only, chain, secret);
         }
+        let crypt = match (crypto, secret) {
+            (Some(area), Some(pw)) => Some(Crypt::unlock(&file, area, pw)?),
+            _ => None,
+        };
         let cluster_bits = header.cluster_bits;
         let geo = Geometry::new(&header);
         let mut raw = vec![0u8; header.l1_size as usize * 8];
@@ -205,6 +236,14 @@ impl Qcow2 {
             header.refcount_table_clusters,
         )?;
         let metadata = MetadataClusters::load(&file, &header, &l1)?;
+        if let Some(c) = &crypt {
+            let area = c.area;
+            metadata.add(
+                area.offset,
+                area.clusters(header.cluster_size()),
+                overlap::MetaKind::CryptoHeader,
+            );
+        }
         let backing_info = header.backing_file.as_ref().map(|name| BackingInfo {
             filename: name.clone(),
             full_filename: chain::full_name(path, name),
@@ -252,6 +291,7 @@ impl Qcow2 {
             backing_info,
             last_compressed: Mutex::new(None),
             data_file,
+            crypt,
         };
         if !read_only {
             img.clear_autoclear_bits()?;
@@ -364,11 +404,8 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
     if let Some(names) = h.describe_unknown_incompat(known) {
         return unsupported(format!("Unsupported qcow2 feature(s): {names}"));
     }
-    if h.crypt_method != 0 {
-        return unsupported(format!(
-            "qcow2 encryption (method {}) is not supported yet",
-            h.crypt_method
-        ));
+    if h.crypt_method > crypt_method::LUKS {
+        return unsupported(format!("Unsupported encryption method: {}", h.crypt_method));
     }
     if read_only {
         return Ok(());
@@ -389,7 +426,12 @@ impl BlockDev for Qcow2 {
         let sub = self.geo.subcluster_size() as u32;
         Capabilities {
             size: self.geo.size,
-            min_block: 1,
+            // Encryption works on whole sectors.
+            min_block: if self.crypt.is_some() {
+                crypt::SECTOR as u32
+            } else {
+                1
+            },
             preferred_block: cs,
             read_only: self.read_only,
             discard_granularity: sub,
@@ -407,11 +449,9 @@ impl BlockDev for Qcow2 {
             let m = self.lookup(cur, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + m.len as usize];
             match m.entry {
-                entry::L2Entry::Data { host, .. } => self
-                    .data_file
-                    .as_ref()
-                    .unwrap_or(&self.file)
-                    .read_at(chunk, host + self.geo.in_cluster(cur))?,
+                entry::L2Entry::Data { host, .. } => {
+                    self.read_data(chunk, host + self.geo.in_cluster(cur))?
+                }
                 entry::L2Entry::Unallocated => self.read_backing(chunk, cur)?,
                 entry::L2Entry::Zero { .. } => chunk.fill(0),
                 entry::L2Entry::Compressed(raw) => {
@@ -428,6 +468,7 @@ impl BlockDev for Qcow2 {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_range(self.path(), offset, buf.len() as u64, self.geo.size)?;
+        let _rmw = self.write_guard(offset, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
             let cur = offset + done as u64;
@@ -486,12 +527,14 @@ impl BlockDev for Qcow2 {
             length,
             kind,
             depth: 0,
-            host_offset: host,
+            // Encrypted data is not stored plainly at any host offset (nor does QEMU report one).
+            host_offset: host.filter(|_| self.crypt.is_none()),
             compressed: matches!(entry, entry::L2Entry::Compressed(_)),
         })
     }
 
     fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check_compression_allowed()?;
         if data.len() as u64 != self.geo.cluster_size() {
             return Err(Error::argument(format!(
                 "compressed writes take whole clusters of {} bytes",
@@ -503,6 +546,7 @@ impl BlockDev for Qcow2 {
 
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
+        self.check_compression_allowed()?;
         let cs = self.geo.cluster_size();
         if offset % cs != 0 || compressed.len() as u64 >= cs {
             return Err(Error::argument(format!(
@@ -536,6 +580,7 @@ impl BlockDev for Qcow2 {
             refcount_bits: h.refcount_bits(),
             corrupt: v3.then_some(h.incompatible_features & incompat::CORRUPT != 0),
             extended_l2: v3.then_some(h.extended_l2()),
+            encrypt: self.encryption_info().map(Box::new),
         };
         Ok(NodeInfo {
             filename: file.filename.clone(),
@@ -544,7 +589,7 @@ impl BlockDev for Qcow2 {
             actual_size: file.actual_size,
             cluster_size: Some(h.cluster_size()),
             dirty_flag: h.incompatible_features & incompat::DIRTY != 0,
-            encrypted: None,
+            encrypted: self.crypt.is_some().then_some(true),
             backing: self.backing_info.clone(),
             format_specific: Some(FormatSpecific::Qcow2(specific)),
             children: vec![ChildInfo {

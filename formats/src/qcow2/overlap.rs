@@ -31,6 +31,8 @@ pub(super) enum MetaKind {
     ActiveL2,
     RefcountTable,
     RefcountBlock,
+    /// The LUKS header and key material of an encrypted image.
+    CryptoHeader,
 }
 
 impl MetaKind {
@@ -41,6 +43,7 @@ impl MetaKind {
             MetaKind::ActiveL2 => "active L2 table",
             MetaKind::RefcountTable => "refcount table",
             MetaKind::RefcountBlock => "refcount block",
+            MetaKind::CryptoHeader => "encryption header",
         }
     }
 }

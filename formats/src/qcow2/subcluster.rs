@@ -219,7 +219,7 @@ impl Qcow2 {
             };
             if let Some(src) = copy {
                 let whole = self.cluster_bytes(src, cstart)?;
-                self.write_checked(meta, &whole, target)?;
+                self.write_data_checked(meta, &whole, target)?;
             }
             self.fill_partial_subclusters(meta, e, bits, cstart, target, a, b)?;
             let touched = mask(
@@ -236,7 +236,7 @@ impl Qcow2 {
             });
         }
         let len = end - offset;
-        self.write_checked(meta, &data[..len as usize], host + (offset - first))?;
+        self.write_data_checked(meta, &data[..len as usize], host + (offset - first))?;
         self.set_ext_l2_entries(table_off, l2_start, &new)?;
         if !in_place {
             let replaced: Vec<L2Entry> = old.iter().map(|e| e.summary()).collect();
@@ -253,7 +253,7 @@ impl Qcow2 {
             }
             WholeCopy::Shared(h) => {
                 let mut buf = vec![0u8; self.geo.cluster_size() as usize];
-                self.file.read_at(&mut buf, h)?;
+                self.read_data(&mut buf, h)?;
                 Ok(buf)
             }
         }
@@ -283,7 +283,7 @@ impl Qcow2 {
                 continue;
             }
             let buf = self.old_bytes(old.subcluster(sc), cstart + from, to - from)?;
-            self.write_checked(meta, &buf, target + from)?;
+            self.write_data_checked(meta, &buf, target + from)?;
         }
         Ok(())
     }
@@ -388,7 +388,7 @@ impl Qcow2 {
                 // Zeroing part of it: store it plainly first, then zero subclusters.
                 let host = self.alloc_clusters(meta, 1)?;
                 let whole = self.cluster_bytes(WholeCopy::Compressed(raw), cstart)?;
-                self.write_checked(meta, &whole, host)?;
+                self.write_data_checked(meta, &whole, host)?;
                 let all = Bitmap {
                     alloc: ALL_SUBCLUSTERS,
                     zero: 0,

@@ -18,6 +18,19 @@ use crate::error::{Error, Result};
 /// Upper bound on the bytes one allocating step writes (bounds the COW buffer).
 pub(super) const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
+/// An allocating write: guest clusters `first..last` get new host clusters from `host`, filled
+/// with `data` at guest offsets `offset..end` and the old contents (`old` entries) around it.
+#[derive(Clone, Copy)]
+struct NewRun<'a> {
+    old: &'a [L2Entry],
+    first: u64,
+    offset: u64,
+    end: u64,
+    last: u64,
+    host: u64,
+    data: &'a [u8],
+}
+
 impl Qcow2 {
     /// Allocates `n` clusters and settles a refcount table move if the allocation caused one.
     /// New refcount blocks (and a moved table) are recorded as metadata.
@@ -133,7 +146,7 @@ impl Qcow2 {
             let at = host + self.geo.in_cluster(offset);
             match self.metadata.overlap(at, m.len) {
                 None => {
-                    self.file.write_at(&data[..m.len as usize], at)?;
+                    self.write_data(&data[..m.len as usize], at)?;
                     return Ok(Some(m.len as usize));
                 }
                 Some(hit) => hit,
@@ -155,7 +168,8 @@ impl Qcow2 {
         let m = self.lookup(offset, data.len() as u64)?;
         if let L2Entry::Data { host, copied: true } = m.entry {
             let n = m.len as usize;
-            self.write_checked(&mut meta, &data[..n], host + self.geo.in_cluster(offset))?;
+            let at = host + self.geo.in_cluster(offset);
+            self.write_data_checked(&mut meta, &data[..n], at)?;
             return Ok(m.len);
         }
         if self.geo.extended_l2 {
@@ -183,7 +197,16 @@ impl Qcow2 {
         let span = (first / cs, n);
         meta.allocating.push(span);
         drop(meta);
-        let written = self.fill_new_clusters(&old, first, offset, end, last, host, data);
+        let run = NewRun {
+            old: &old,
+            first,
+            offset,
+            end,
+            last,
+            host,
+            data,
+        };
+        let written = self.fill_new_clusters(&run);
         let mut meta = self.meta.lock().unwrap();
         meta.allocating.retain(|&s| s != span);
         self.alloc_done.notify_all();
@@ -195,30 +218,56 @@ impl Qcow2 {
         Ok(end - offset)
     }
 
-    /// Writes the data of an allocating write into its new clusters at `host`, with the parts of
-    /// the first and last cluster the write does not cover copied from the old contents.
-    #[allow(clippy::too_many_arguments)]
-    fn fill_new_clusters(
-        &self,
-        old: &[L2Entry],
-        first: u64,
-        offset: u64,
-        end: u64,
-        last: u64,
-        host: u64,
-        data: &[u8],
-    ) -> Result<()> {
-        let head = offset - first;
+    /// Writes the data of an allocating write into its new clusters, with the parts of the first
+    /// and last cluster the write does not cover copied from the old contents.
+    fn fill_new_clusters(&self, r: &NewRun) -> Result<()> {
+        if self.is_encrypted() {
+            return self.fill_new_clusters_encrypted(r);
+        }
+        let head = r.offset - r.first;
         if head > 0 {
-            let buf = self.old_bytes(old[0], first, head)?;
-            self.file.write_at(&buf, host)?;
+            let buf = self.old_bytes(r.old[0], r.first, head)?;
+            self.file.write_at(&buf, r.host)?;
         }
         self.file
-            .write_at(&data[..(end - offset) as usize], host + head)?;
-        let tail = last - end;
+            .write_at(&r.data[..(r.end - r.offset) as usize], r.host + head)?;
+        let tail = r.last - r.end;
         if tail > 0 {
-            let buf = self.old_bytes(old[old.len() - 1], end, tail)?;
-            self.file.write_at(&buf, host + (end - first))?;
+            let buf = self.old_bytes(r.old[r.old.len() - 1], r.end, tail)?;
+            self.file.write_at(&buf, r.host + (r.end - r.first))?;
+        }
+        Ok(())
+    }
+
+    /// [`Qcow2::fill_new_clusters`] for an encrypted image: the new clusters are assembled in
+    /// plaintext a few MiB at a time (whole clusters, so whole sectors) and encrypted in place.
+    fn fill_new_clusters_encrypted(&self, r: &NewRun) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let step = ((4 << 20) / cs).max(1) * cs;
+        let mut pos = r.first;
+        let mut buf = Vec::new();
+        while pos < r.last {
+            let stop = (pos + step).min(r.last);
+            buf.clear();
+            buf.resize((stop - pos) as usize, 0);
+            let at = |g: u64| (g - pos) as usize;
+            if pos < r.offset {
+                // The head lies in the first cluster, which starts this first step.
+                let head = self.old_bytes(r.old[0], pos, r.offset - pos)?;
+                buf[..at(r.offset)].copy_from_slice(&head);
+            }
+            let (a, b) = (pos.max(r.offset), stop.min(r.end));
+            if a < b {
+                let from_data = (a - r.offset) as usize..(b - r.offset) as usize;
+                buf[at(a)..at(b)].copy_from_slice(&r.data[from_data]);
+            }
+            if stop > r.end {
+                let from = pos.max(r.end);
+                let tail = self.old_bytes(r.old[r.old.len() - 1], from, stop - from)?;
+                buf[at(from)..].copy_from_slice(&tail);
+            }
+            self.write_owned_sectors(&mut buf, r.host + (pos - r.first))?;
+            pos = stop;
         }
         Ok(())
     }
@@ -239,9 +288,9 @@ impl Qcow2 {
     pub(super) fn old_bytes(&self, entry: L2Entry, guest: u64, len: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
         match entry {
-            L2Entry::Data { host, .. } => self
-                .file
-                .read_at(&mut buf, host + self.geo.in_cluster(guest))?,
+            L2Entry::Data { host, .. } => {
+                self.read_data(&mut buf, host + self.geo.in_cluster(guest))?
+            }
             L2Entry::Unallocated => self.read_backing(&mut buf, guest)?,
             L2Entry::Compressed(raw) => {
                 let at = self.geo.in_cluster(guest) as usize;

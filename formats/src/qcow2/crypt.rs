@@ -1,0 +1,516 @@
+//! Encrypted qcow2 images: `encrypt.format=luks`, `crypt_method` 2 (qcow2.rst, "Full disk
+//! encryption header pointer" and "Data encryption").
+//!
+//! ```text
+//!   header extension 0x0537be77: (offset, length) ──> LUKS1 header + key material, in clusters
+//!                                                       │ unlocked with the passphrase
+//!                                                       v
+//!   data cluster at host offset H: 512-byte sectors, sector i encrypted with IV H / 512 + i
+//! ```
+//!
+//! Only guest data in data clusters is encrypted, with the IV taken from the host offset (the
+//! "physical disk sector", as QEMU does): metadata, zero flags and unallocated clusters stay
+//! plain, and so do compressed clusters, which QEMU never encrypts (it refuses to write them, and
+//! so does vdisk). Moving data to another host cluster (copy-on-write) decrypts and re-encrypts
+//! it.
+//!
+//! Writes encrypt a private copy of the caller's data. A write that covers part of a sector reads,
+//! decrypts, patches and re-encrypts that sector; it holds the `rmw` lock exclusively for the
+//! whole request, while writes of whole sectors hold it shared, so a partial-sector update never
+//! undoes a concurrent write to the rest of the sector. Reads take no lock.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::header::{crypt_method, ext, Header};
+use super::{Meta, Qcow2};
+use crate::error::{Error, Result};
+use crate::host_file::HostFile;
+use crate::info::LuksInfo;
+use crate::luks::cipher::IV_UNIT;
+use crate::luks::{HeaderIo, LuksAmend, LuksCreateOptions, LuksVersion, LuksVolume, Passphrase};
+
+/// Size of an encryption sector: the unit of the IVs and of read-modify-write.
+pub(super) const SECTOR: u64 = IV_UNIT as u64;
+
+/// Most bytes encrypted into one private buffer per step of a write.
+const CHUNK: usize = 4 << 20;
+
+/// What QEMU says when asked to compress into an encrypted image.
+pub(super) const NO_COMPRESSION: &str = "Compression and encryption not supported at the same time";
+
+/// Where the encryption header of an image lives (the extension's payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoArea {
+    /// Byte offset in the image file (cluster aligned).
+    pub offset: u64,
+    /// Bytes of the written header; the clusters holding them are reserved for it.
+    pub length: u64,
+}
+
+impl CryptoArea {
+    /// Decodes the 16-byte payload of the extension, if it has that size.
+    pub fn decode(data: &[u8]) -> Option<CryptoArea> {
+        let data: &[u8; 16] = data.try_into().ok()?;
+        Some(CryptoArea {
+            offset: u64::from_be_bytes(data[..8].try_into().unwrap()),
+            length: u64::from_be_bytes(data[8..].try_into().unwrap()),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        [self.offset.to_be_bytes(), self.length.to_be_bytes()].concat()
+    }
+
+    /// Clusters the header occupies.
+    pub fn clusters(&self, cluster_size: u64) -> u64 {
+        self.length.div_ceil(cluster_size)
+    }
+}
+
+impl Header {
+    /// The encryption header area named by the extension, when the extension is well formed
+    /// (for walks over the image's clusters; [`crypto_area`] validates it for opening).
+    pub fn crypto_area(&self) -> Option<CryptoArea> {
+        self.extension(ext::CRYPTO).and_then(CryptoArea::decode)
+    }
+}
+
+/// Validates the encryption fields of a header against the file: the method, and for LUKS the
+/// header extension, whose area must be cluster aligned, after the first cluster and inside the
+/// file. `None` for an unencrypted image. (QEMU's messages where it has them.)
+pub fn crypto_area(path: &Path, h: &Header, file_len: u64) -> Result<Option<CryptoArea>> {
+    let raw = h.extension(ext::CRYPTO);
+    let bad = |what: String| Err(Error::invalid(path, what));
+    match h.crypt_method {
+        crypt_method::NONE if raw.is_some() => {
+            return bad("CRYPTO header extension only expected with LUKS encryption method".into())
+        }
+        crypt_method::NONE => return Ok(None),
+        crypt_method::AES => return Err(Error::unsupported(
+            path,
+            "the image uses legacy qcow2 AES encryption (crypt_method 1), which vdisk does not \
+                 support; convert it to encrypt.format=luks with qemu-img",
+        )),
+        crypt_method::LUKS => {}
+        n => {
+            return Err(Error::unsupported(
+                path,
+                format!("Unsupported encryption method: {n}"),
+            ))
+        }
+    }
+    let Some(raw) = raw else {
+        return bad("Missing CRYPTO header for crypt method 2".into());
+    };
+    let Some(area) = CryptoArea::decode(raw) else {
+        return bad(format!(
+            "CRYPTO header extension size {}, but expected size 16",
+            raw.len()
+        ));
+    };
+    let cs = h.cluster_size();
+    if area.offset % cs != 0 {
+        return bad(format!(
+            "Encryption header offset '{}' is not a multiple of cluster size '{cs}'",
+            area.offset
+        ));
+    }
+    if area.offset == 0 {
+        return bad("Encryption header at offset 0 overlaps the qcow2 header".into());
+    }
+    if area.length < crate::luks::luks1::PHDR_LEN as u64 {
+        return bad(format!(
+            "Encryption header length {} is too small for a LUKS header",
+            area.length
+        ));
+    }
+    if area
+        .offset
+        .checked_add(area.length)
+        .is_none_or(|end| end > file_len)
+    {
+        return bad(format!(
+            "Encryption header at offset {:#x} ({} bytes) reaches past the end of the file \
+             ({file_len} bytes)",
+            area.offset, area.length
+        ));
+    }
+    Ok(Some(area))
+}
+
+/// The error of an encrypted image opened without a passphrase.
+pub(super) fn secret_required(path: &Path) -> Error {
+    Error::InvalidArgument {
+        what: format!(
+            "{}: Parameter 'encrypt.key-secret' is required for cipher",
+            path.display()
+        ),
+    }
+}
+
+/// The encryption header area of a qcow2 file, as the LUKS code reads and writes it.
+#[derive(Debug)]
+pub(super) struct HeaderArea {
+    file: Arc<HostFile>,
+    area: CryptoArea,
+    path: PathBuf,
+}
+
+impl HeaderArea {
+    pub fn new(file: Arc<HostFile>, area: CryptoArea) -> HeaderArea {
+        let path = file.path().to_path_buf();
+        HeaderArea { file, area, path }
+    }
+
+    fn at(&self, offset: u64, len: usize) -> Result<u64> {
+        crate::block::check_range(&self.path, offset, len as u64, self.area.length)?;
+        Ok(self.area.offset + offset)
+    }
+}
+
+impl HeaderIo for HeaderArea {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let at = self.at(offset, buf.len())?;
+        self.file.read_at(buf, at)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let at = self.at(offset, buf.len())?;
+        self.file.write_at(buf, at)
+    }
+
+    fn size(&self) -> u64 {
+        self.area.length
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.sync()
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The encryption state of an open image.
+#[derive(Debug)]
+pub(super) struct Crypt {
+    volume: LuksVolume,
+    pub area: CryptoArea,
+    /// Shared by writes of whole sectors, exclusive for writes that patch part of a sector.
+    rmw: RwLock<()>,
+}
+
+/// Held for the length of a write to an encrypted image (see the module docs).
+pub(super) struct WriteGuard<'a> {
+    _shared: Option<RwLockReadGuard<'a, ()>>,
+    _exclusive: Option<RwLockWriteGuard<'a, ()>>,
+}
+
+impl Crypt {
+    /// Unlocks the LUKS header in `area` of `file` with `passphrase`.
+    pub fn unlock(
+        file: &Arc<HostFile>,
+        area: CryptoArea,
+        passphrase: &Passphrase,
+    ) -> Result<Crypt> {
+        let io: Arc<dyn HeaderIo> = Arc::new(HeaderArea::new(file.clone(), area));
+        let volume = LuksVolume::open(io, passphrase)?;
+        if u64::from(volume.sector_size()) != SECTOR {
+            return Err(Error::unsupported(
+                file.path(),
+                format!(
+                    "the LUKS header of the qcow2 image uses {}-byte sectors; qcow2 encryption \
+                     works on 512-byte sectors",
+                    volume.sector_size()
+                ),
+            ));
+        }
+        Ok(Crypt {
+            volume,
+            area,
+            rmw: RwLock::new(()),
+        })
+    }
+
+    /// Writes a new LUKS1 header with one keyslot into `area` of `file` (zeros there already).
+    pub fn format(file: &Arc<HostFile>, area: CryptoArea, opts: &LuksCreateOptions) -> Result<()> {
+        let io: Arc<dyn HeaderIo> = Arc::new(HeaderArea::new(file.clone(), area));
+        LuksVolume::create(io, opts).map(drop)
+    }
+
+    /// The lock a write of `len` bytes at guest `offset` holds (a sector starts at the same
+    /// offset in the guest and the host, as clusters are whole sectors).
+    pub fn write_guard(&self, offset: u64, len: u64) -> WriteGuard<'_> {
+        // A poisoned lock only means another writer panicked; it protects no state.
+        if offset % SECTOR == 0 && len % SECTOR == 0 {
+            WriteGuard {
+                _shared: Some(self.rmw.read().unwrap_or_else(|e| e.into_inner())),
+                _exclusive: None,
+            }
+        } else {
+            WriteGuard {
+                _shared: None,
+                _exclusive: Some(self.rmw.write().unwrap_or_else(|e| e.into_inner())),
+            }
+        }
+    }
+
+    fn encrypt(&self, buf: &mut [u8], host: u64) {
+        self.volume
+            .cipher()
+            .encrypt_par(buf, IV_UNIT, host / SECTOR)
+    }
+
+    fn decrypt(&self, buf: &mut [u8], host: u64) {
+        self.volume
+            .cipher()
+            .decrypt_par(buf, IV_UNIT, host / SECTOR)
+    }
+}
+
+/// Checks the encryption options of a new image; returns the size of its LUKS header.
+pub(super) fn check_create(opts: &LuksCreateOptions) -> Result<u64> {
+    opts.validate()?;
+    if opts.version != LuksVersion::V1 {
+        return Err(Error::argument(
+            "qcow2 encryption uses LUKS1 headers (as QEMU does)",
+        ));
+    }
+    if opts.passphrase.is_none() {
+        return Err(Error::argument(
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ));
+    }
+    Ok(LuksVolume::header_size(opts))
+}
+
+impl Qcow2 {
+    /// Whether guest data is encrypted (`encrypt.format=luks`).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypt.is_some()
+    }
+
+    /// The LUKS header of an encrypted image, as `info` shows it under `encrypt`.
+    pub fn encryption_info(&self) -> Option<LuksInfo> {
+        self.crypt.as_ref().map(|c| c.volume.info())
+    }
+
+    /// Adds, replaces or erases key slots of an encrypted image ([`LuksAmend`], QEMU's
+    /// `amend -o encrypt.*` semantics); needs a writable image.
+    pub fn amend_encryption(&self, amend: &LuksAmend, force: bool) -> Result<()> {
+        self.check_writable()?;
+        let Some(c) = &self.crypt else {
+            return Err(Error::argument(format!(
+                "{}: the image is not encrypted: there are no key slots to change",
+                self.path().display()
+            )));
+        };
+        c.volume.amend(amend, force)
+    }
+
+    /// The lock a write of guest bytes `offset..offset+len` holds; none without encryption.
+    pub(super) fn write_guard(&self, offset: u64, len: u64) -> Option<WriteGuard<'_>> {
+        self.crypt.as_ref().map(|c| c.write_guard(offset, len))
+    }
+
+    /// Reads guest data stored at host offset `host` (any alignment), decrypted.
+    pub(super) fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let file = self.data_file.as_ref().unwrap_or(&self.file);
+        let Some(c) = &self.crypt else {
+            return file.read_at(buf, host);
+        };
+        let start = host - host % SECTOR;
+        let end = (host + buf.len() as u64).next_multiple_of(SECTOR);
+        if start == host && end == host + buf.len() as u64 {
+            file.read_at(buf, host)?;
+            c.decrypt(buf, host);
+            return Ok(());
+        }
+        // Whole sectors are in the same host cluster(s): clusters are whole sectors.
+        let mut tmp = vec![0u8; (end - start) as usize];
+        file.read_at(&mut tmp, start)?;
+        c.decrypt(&mut tmp, start);
+        let at = (host - start) as usize;
+        buf.copy_from_slice(&tmp[at..at + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes guest data at host offset `host` (any alignment), encrypted. The sectors it covers
+    /// partly are read, patched and rewritten: the caller holds the write guard.
+    pub(super) fn write_data(&self, buf: &[u8], host: u64) -> Result<()> {
+        let Some(c) = &self.crypt else {
+            return self.file.write_at(buf, host);
+        };
+        let mut pos = host;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let within = (pos % SECTOR) as usize;
+            if within != 0 || (rest.len() as u64) < SECTOR {
+                let n = (SECTOR as usize - within).min(rest.len());
+                let start = pos - within as u64;
+                let mut sector = [0u8; SECTOR as usize];
+                self.read_data(&mut sector, start)?;
+                sector[within..within + n].copy_from_slice(&rest[..n]);
+                c.encrypt(&mut sector, start);
+                self.file.write_at(&sector, start)?;
+                pos += n as u64;
+                rest = &rest[n..];
+                continue;
+            }
+            let whole = rest.len() - rest.len() % SECTOR as usize;
+            let mut scratch = vec![0u8; whole.min(CHUNK)];
+            for piece in rest[..whole].chunks(CHUNK) {
+                let chunk = &mut scratch[..piece.len()];
+                chunk.copy_from_slice(piece);
+                c.encrypt(chunk, pos);
+                self.file.write_at(chunk, pos)?;
+                pos += piece.len() as u64;
+            }
+            rest = &rest[whole..];
+        }
+        Ok(())
+    }
+
+    /// [`Qcow2::write_data`] after the metadata overlap check (see `write_checked`).
+    pub(super) fn write_data_checked(&self, meta: &mut Meta, buf: &[u8], host: u64) -> Result<()> {
+        if let Some(hit) = self.metadata.overlap(host, buf.len() as u64) {
+            return Err(self.refuse_overlap(meta, hit));
+        }
+        self.write_data(buf, host)
+    }
+
+    /// Writes whole sectors of plaintext the caller owns at host offset `host`, encrypting them
+    /// in place (the caller's buffer holds ciphertext afterwards).
+    pub(super) fn write_owned_sectors(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        if let Some(c) = &self.crypt {
+            debug_assert!(host % SECTOR == 0 && buf.len() as u64 % SECTOR == 0);
+            c.encrypt(buf, host);
+        }
+        self.file.write_at(buf, host)
+    }
+
+    /// Fails when compressed clusters are asked of an encrypted image.
+    pub(super) fn check_compression_allowed(&self) -> Result<()> {
+        if self.crypt.is_some() {
+            return Err(Error::unsupported(self.path(), NO_COMPRESSION));
+        }
+        Ok(())
+    }
+}
+
+/// Adds, replaces or erases key slots of the encrypted qcow2 image at `path`, unlocked with
+/// `secret` (`amend -o encrypt.state=...,encrypt.new-secret=...`). Build `amend` from the
+/// `encrypt.*` pairs with [`amend_pairs`].
+pub fn amend_encryption(
+    path: &Path,
+    secret: &Passphrase,
+    amend: &LuksAmend,
+    force: bool,
+) -> Result<()> {
+    let img = Qcow2::open_with_secret(path, false, None, Some(secret))?;
+    img.amend_encryption(amend, force)?;
+    use crate::block::BlockDev;
+    img.flush()
+}
+
+/// Builds a key slot change from qcow2 `amend` options: the `encrypt.`-prefixed pairs
+/// (`encrypt.state`, `encrypt.keyslot`, `encrypt.old-secret`, `encrypt.new-secret`,
+/// `encrypt.iter-time`); `resolve` turns a secret object id into its passphrase. Pairs without the
+/// prefix are refused (vdisk amends nothing else of a qcow2 image yet).
+pub fn amend_pairs(
+    pairs: &[(String, String)],
+    resolve: &mut dyn FnMut(&str) -> Result<Passphrase>,
+) -> Result<LuksAmend> {
+    let mut inner = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        match k.strip_prefix("encrypt.") {
+            Some("format") if v == "luks" => {}
+            Some("format") => {
+                return Err(Error::argument(
+                    "Changing the encryption format is not supported",
+                ))
+            }
+            Some(key) => inner.push((key.to_string(), v.clone())),
+            None => return Err(Error::argument(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    LuksAmend::from_pairs(&inner, resolve).map_err(|e| match e {
+        Error::InvalidArgument { what } => Error::InvalidArgument {
+            what: what.replace("Parameter '", "Parameter 'encrypt."),
+        },
+        other => other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_with(method: u32, ext_data: Option<Vec<u8>>) -> Header {
+        let mut h = crate::qcow2::header::tests::sample();
+        h.crypt_method = method;
+        if let Some(data) = ext_data {
+            h.extensions.push(super::super::header::Extension {
+                kind: ext::CRYPTO,
+                data,
+            });
+        }
+        h
+    }
+
+    fn area(offset: u64, length: u64) -> Vec<u8> {
+        CryptoArea { offset, length }.encode()
+    }
+
+    #[test]
+    fn hostile_extensions_are_refused_with_clear_errors() {
+        let p = Path::new("t.qcow2");
+        let len = 0x40_0000;
+        let err = |h: Header| crypto_area(p, &h, len).unwrap_err().to_string();
+        assert!(err(header_with(2, None)).contains("Missing CRYPTO header"));
+        assert!(err(header_with(2, Some(vec![0; 8]))).contains("size 8, but expected size 16"));
+        assert!(err(header_with(2, Some(area(0x1_0001, 4096)))).contains("not a multiple"));
+        assert!(err(header_with(2, Some(area(0, 4096)))).contains("overlaps the qcow2 header"));
+        assert!(err(header_with(2, Some(area(0x1_0000, 0)))).contains("too small"));
+        assert!(err(header_with(2, Some(area(0x1_0000, u64::MAX)))).contains("past the end"));
+        assert!(err(header_with(2, Some(area(len, 4096)))).contains("past the end"));
+        assert!(err(header_with(0, Some(area(0x1_0000, 4096)))).contains("only expected"));
+        assert!(err(header_with(1, None)).contains("legacy qcow2 AES"));
+        assert!(err(header_with(3, None)).contains("Unsupported encryption method: 3"));
+        let ok = crypto_area(p, &header_with(2, Some(area(0x1_0000, 4096))), len).unwrap();
+        assert_eq!(
+            ok,
+            Some(CryptoArea {
+                offset: 0x1_0000,
+                length: 4096
+            })
+        );
+        assert_eq!(crypto_area(p, &header_with(0, None), len).unwrap(), None);
+    }
+
+    #[test]
+    fn amend_pairs_take_the_encrypt_prefix() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut resolve = |id: &str| Ok(Passphrase::from(id));
+        let a = amend_pairs(
+            &pairs(&[
+                ("encrypt.state", "active"),
+                ("encrypt.new-secret", "s1"),
+                ("encrypt.keyslot", "3"),
+            ]),
+            &mut resolve,
+        )
+        .unwrap();
+        assert_eq!(a.keyslot, Some(3));
+        assert_eq!(a.new_secret, Some(Passphrase::from("s1")));
+        let e = amend_pairs(&pairs(&[("encrypt.new-secret", "s1")]), &mut resolve).unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'encrypt.state' is required");
+        assert!(amend_pairs(&pairs(&[("compat", "1.1")]), &mut resolve).is_err());
+    }
+}
