@@ -132,17 +132,11 @@ pub fn open_with_secret(
     };
     match (format, secret) {
         (Format::Luks, Some(pw)) => Ok(Arc::new(Luks::open(path, opts.read_only, pw)?)),
-        (Format::Qcow2, Some(pw)) => {
-            let mut ctx = ChainCtx::default();
-            ctx.enter(path)?;
-            let chain = if opts.no_backing {
-                None
-            } else {
-                Some(&mut ctx)
-            };
-            let img = Qcow2::open_with_secret(path, opts.read_only, chain, Some(pw))?;
-            Ok(Arc::new(img))
-        }
+        (Format::Qcow2, Some(pw)) => Ok(Arc::new(if opts.no_backing {
+            Qcow2::open_with_secret(path, opts.read_only, None, Some(pw))?
+        } else {
+            Qcow2::open_secret(path, opts.read_only, Some(pw))?
+        })),
         _ => open(
             path,
             OpenOptions {
@@ -501,13 +495,27 @@ pub fn resize(
     shrink: bool,
     prealloc: Preallocation,
 ) -> Result<()> {
+    resize_with_secret(path, format, new_size, shrink, prealloc, None)
+}
+
+/// [`resize`] of an image that may be encrypted, with its passphrase (qcow2 with
+/// `encrypt.format=luks` needs one, as in qemu-img). As in QEMU, preallocated new space of an
+/// encrypted qcow2 image reads as noise (the zeros stored there are decrypted).
+pub fn resize_with_secret(
+    path: &Path,
+    format: Option<Format>,
+    new_size: u64,
+    shrink: bool,
+    prealloc: Preallocation,
+    secret: Option<&Passphrase>,
+) -> Result<()> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
     };
     match format {
         Format::Raw => Raw::resize(path, new_size, shrink, prealloc),
-        Format::Qcow2 => qcow2::resize(path, new_size, shrink, prealloc),
+        Format::Qcow2 => qcow2::resize_with_secret(path, new_size, shrink, prealloc, secret),
         Format::Luks => Err(Error::unsupported(
             path,
             "resizing LUKS images is not supported yet",

@@ -768,3 +768,39 @@ fn writes_after_a_snapshot_re_encrypt_the_copied_clusters() {
         "the snapshot kept its data"
     );
 }
+
+#[test]
+fn resizing_needs_the_passphrase_and_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.qcow2");
+    // A size inside a cluster: growing must zero the rest of the last cluster.
+    let size = (1 << 20) + 4096;
+    vdisk_create(&path, size, &[]);
+    let dev = vdisk_open(&path, false);
+    let mut expect = vec![0u8; size as usize];
+    write(&*dev, &mut expect, size as usize - 3000, 3000, 5);
+    write(&*dev, &mut expect, 1000, 100, 6);
+    drop(dev);
+    let pw = Passphrase::from(PW);
+    let resize = |new: u64, shrink: bool, secret: Option<&Passphrase>| {
+        vdisk_formats::image::resize_with_secret(
+            &path,
+            Some(Format::Qcow2),
+            new,
+            shrink,
+            vdisk_formats::Preallocation::Off,
+            secret,
+        )
+    };
+    let err = resize(2 << 20, false, None).unwrap_err();
+    assert!(err.to_string().contains("encrypt.key-secret"), "{err}");
+    resize(2 << 20, false, Some(&pw)).unwrap();
+    expect.resize(2 << 20, 0);
+    assert_eq!(qemu_read_all(&path), expect);
+    qemu_check_clean(&path);
+    resize(512 << 10, true, Some(&pw)).unwrap();
+    expect.truncate(512 << 10);
+    assert_eq!(read_all(&*vdisk_open(&path, true)), expect);
+    assert_eq!(qemu_read_all(&path), expect);
+    qemu_check_clean(&path);
+}

@@ -53,7 +53,7 @@ use l2_cache::L2Cache;
 use mapping::Mapping;
 use overlap::MetadataClusters;
 use refcount::Refcounts;
-pub use resize::resize;
+pub use resize::{resize, resize_with_secret};
 
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 use crate::chain::{self, ChainCtx};
@@ -169,9 +169,15 @@ pub struct Qcow2 {
 impl Qcow2 {
     /// Opens a qcow2 image with its backing chain.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_secret(path, read_only, None)
+    }
+
+    /// [`Qcow2::open`], with the passphrase of an encrypted image (see
+    /// [`Qcow2::open_with_secret`]).
+    pub fn open_secret(path: &Path, read_only: bool, secret: Option<&Passphrase>) -> Result<Self> {
         let mut ctx = ChainCtx::default();
         ctx.enter(path)?;
-        Self::open_with(path, read_only, Some(&mut ctx))
+        Self::open_with_secret(path, read_only, Some(&mut ctx), secret)
     }
 
     /// Opens a qcow2 image; `chain` carries the images above it (already including this one), or
@@ -192,6 +198,31 @@ impl Qcow2 {
         chain: Option<&mut ChainCtx>,
         secret: Option<&Passphrase>,
     ) -> Result<Self> {
+        Self::open_keyed(path, read_only, chain, Key::Passphrase(secret))
+    }
+
+    /// Closes the image and opens it again with its backing chain, keeping the unlocked
+    /// encryption header (no second key derivation); for changes that the open image does not
+    /// follow (a new size).
+    fn reopen(mut self) -> Result<Self> {
+        let path = self.path().to_path_buf();
+        let read_only = self.read_only;
+        let key = match self.crypt.take() {
+            Some(c) => Key::Unlocked(Box::new(c)),
+            None => Key::Passphrase(None),
+        };
+        drop(self);
+        let mut ctx = ChainCtx::default();
+        ctx.enter(&path)?;
+        Self::open_keyed(&path, read_only, Some(&mut ctx), key)
+    }
+
+    fn open_keyed(
+        path: &Path,
+        read_only: bool,
+        chain: Option<&mut ChainCtx>,
+        key: Key,
+    ) -> Result<Self> {
         let file = Arc::new(HostFile::open(path, read_only)?);
         let file_len = file.len()?;
         let mut first = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(file_len as usize)];
@@ -199,7 +230,7 @@ impl Qcow2 {
         let header = Header::parse(path, &first, file_len)?;
         check_features(path, &header, read_only)?;
         let crypto = crypto_area(path, &header, file_len)?;
-        if crypto.is_some() && secret.is_none() {
+        if crypto.is_some() && matches!(key, Key::Passphrase(None)) {
             return Err(crypt::secret_required(path));
         }
         if !read_only && header.incompatible_features & incompat::DIRTY != 0 {
@@ -214,10 +245,17 @@ impl Qcow2 {
                     format!("repairing the refcounts of a dirty image failed: {why}"),
                 ));
             }
-            return Self::open_with_secret(path, read_only, chain, secret);
+            return Self::open_keyed(path, read_only, chain, key);
         }
-        let crypt = match (crypto, secret) {
-            (Some(area), Some(pw)) => Some(Crypt::unlock(&file, area, pw)?),
+        let crypt = match (crypto, key) {
+            (Some(area), Key::Passphrase(Some(pw))) => Some(Crypt::unlock(&file, area, pw)?),
+            (Some(area), Key::Unlocked(c)) if c.area == area => Some(*c),
+            (Some(_), Key::Unlocked(_)) => {
+                return Err(Error::invalid(
+                    path,
+                    "the encryption header moved while the image was reopened",
+                ))
+            }
             _ => None,
         };
         let cluster_bits = header.cluster_bits;
@@ -343,6 +381,13 @@ impl Qcow2 {
     pub fn refcounts(&self) -> Result<std::collections::HashMap<u64, u64>> {
         self.meta.lock().unwrap().refcounts.all(&self.file)
     }
+}
+
+/// How an encrypted image gets its key when it is opened.
+enum Key<'a> {
+    Passphrase(Option<&'a Passphrase>),
+    /// The unlocked header of the same image, opened before.
+    Unlocked(Box<Crypt>),
 }
 
 /// Opens the external data file an image names (qcow2.rst, "External data file name"), resolved

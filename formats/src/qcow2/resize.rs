@@ -13,14 +13,26 @@ use super::entry::{L2Entry, COPIED};
 use super::Qcow2;
 use crate::block::{BlockDev, ZeroFlags};
 use crate::error::{Error, Result};
+use crate::luks::Passphrase;
 use crate::Preallocation;
 
 /// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink`.
 pub fn resize(path: &Path, new_size: u64, shrink: bool, prealloc: Preallocation) -> Result<()> {
+    resize_with_secret(path, new_size, shrink, prealloc, None)
+}
+
+/// [`resize`] with the passphrase of an encrypted image (`encrypt.format=luks`).
+pub fn resize_with_secret(
+    path: &Path,
+    new_size: u64,
+    shrink: bool,
+    prealloc: Preallocation,
+    secret: Option<&Passphrase>,
+) -> Result<()> {
     if new_size % 512 != 0 {
         return Err(Error::argument("The new size must be a multiple of 512"));
     }
-    let img = Qcow2::open(path, false)?;
+    let img = Qcow2::open_secret(path, false, secret)?;
     let old_size = img.geo.size;
     if new_size < old_size {
         if !shrink {
@@ -36,8 +48,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool, prealloc: Preallocation)
         img.shrink(new_size)?;
     } else if new_size > old_size {
         img.grow(new_size)?;
-        drop(img);
-        let img = Qcow2::open(path, false)?;
+        let img = img.reopen()?;
         // Bytes past the old end inside its last cluster must read as zero.
         let cs = img.geo.cluster_size();
         let tail_end = old_size.next_multiple_of(cs).min(new_size);
