@@ -220,12 +220,14 @@ fn exercise(dev: &dyn BlockDev, expect: &mut [u8]) {
     dev.flush().unwrap();
 }
 
-/// The qemu-made images, created once: default options, AES-128-CBC-ESSIV, extended L2 entries.
+/// The qemu-made images, created once: default options, AES-128-CBC-ESSIV, extended L2 entries,
+/// an external data file (used by one test only, in place).
 struct Templates {
     _dir: tempfile::TempDir,
     default: PathBuf,
     cbc: PathBuf,
     ext_l2: PathBuf,
+    data_file: PathBuf,
 }
 
 fn templates() -> &'static Templates {
@@ -234,6 +236,7 @@ fn templates() -> &'static Templates {
         let dir = tempfile::tempdir().unwrap();
         let p = |n: &str| dir.path().join(n);
         let (default, cbc, ext_l2) = (p("default.qcow2"), p("cbc.qcow2"), p("ext.qcow2"));
+        let data_file = p("df.qcow2");
         std::thread::scope(|s| {
             s.spawn(|| qemu_create(&default, 4 << 20, ""));
             s.spawn(|| {
@@ -243,12 +246,17 @@ fn templates() -> &'static Templates {
                 qemu_create(&cbc, 2 << 20, o)
             });
             s.spawn(|| qemu_create(&ext_l2, 4 << 20, "extended_l2=on"));
+            s.spawn(|| {
+                let o = format!("data_file={}", p("df.raw").display());
+                qemu_create(&data_file, 2 << 20, &o)
+            });
         });
         Templates {
             _dir: dir,
             default,
             cbc,
             ext_l2,
+            data_file,
         }
     })
 }
@@ -803,4 +811,15 @@ fn resizing_needs_the_passphrase_and_keeps_the_data() {
     assert_eq!(read_all(&*vdisk_open(&path, true)), expect);
     assert_eq!(qemu_read_all(&path), expect);
     qemu_check_clean(&path);
+}
+
+#[test]
+fn an_external_data_file_is_decrypted_read_only() {
+    let path = &templates().data_file;
+    qemu_io(
+        path,
+        &["write -P 0x5a 1000 100000", "write -P 0xa5 1500000 4096"],
+    );
+    let expect = qemu_read_all(path);
+    assert_eq!(read_all(&*vdisk_open(path, true)), expect);
 }
