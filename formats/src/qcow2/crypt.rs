@@ -270,6 +270,31 @@ impl Crypt {
     }
 }
 
+/// Splits `len` bytes at host offset `host` into pieces inside one sector and runs of whole
+/// sectors, and calls `f(host_offset, range_in_buffer, whole)` for each in order. A piece of a
+/// sector lies in the same host cluster as the rest of the sector: clusters and subclusters are
+/// whole sectors.
+fn sector_pieces(
+    host: u64,
+    len: usize,
+    mut f: impl FnMut(u64, std::ops::Range<usize>, bool) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let pos = host + done as u64;
+        let within = (pos % SECTOR) as usize;
+        let left = len - done;
+        let (n, whole) = if within != 0 || (left as u64) < SECTOR {
+            ((SECTOR as usize - within).min(left), false)
+        } else {
+            (left - left % SECTOR as usize, true)
+        };
+        f(pos, done..done + n, whole)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Checks the encryption options of a new image; returns the size of its LUKS header.
 pub(super) fn check_create(opts: &LuksCreateOptions) -> Result<u64> {
     opts.validate()?;
@@ -321,20 +346,19 @@ impl Qcow2 {
         let Some(c) = &self.crypt else {
             return file.read_at(buf, host);
         };
-        let start = host - host % SECTOR;
-        let end = (host + buf.len() as u64).next_multiple_of(SECTOR);
-        if start == host && end == host + buf.len() as u64 {
-            file.read_at(buf, host)?;
-            c.decrypt(buf, host);
-            return Ok(());
-        }
-        // Whole sectors are in the same host cluster(s): clusters are whole sectors.
-        let mut tmp = vec![0u8; (end - start) as usize];
-        file.read_at(&mut tmp, start)?;
-        c.decrypt(&mut tmp, start);
-        let at = (host - start) as usize;
-        buf.copy_from_slice(&tmp[at..at + buf.len()]);
-        Ok(())
+        sector_pieces(host, buf.len(), |pos, range, whole| {
+            if whole {
+                file.read_at(&mut buf[range.clone()], pos)?;
+                c.decrypt(&mut buf[range], pos);
+                return Ok(());
+            }
+            let (start, at) = (pos - pos % SECTOR, (pos % SECTOR) as usize);
+            let mut sector = [0u8; SECTOR as usize];
+            file.read_at(&mut sector, start)?;
+            c.decrypt(&mut sector, start);
+            buf[range.clone()].copy_from_slice(&sector[at..at + range.len()]);
+            Ok(())
+        })
     }
 
     /// Writes guest data at host offset `host` (any alignment), encrypted. The sectors it covers
@@ -343,34 +367,26 @@ impl Qcow2 {
         let Some(c) = &self.crypt else {
             return self.file.write_at(buf, host);
         };
-        let mut pos = host;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let within = (pos % SECTOR) as usize;
-            if within != 0 || (rest.len() as u64) < SECTOR {
-                let n = (SECTOR as usize - within).min(rest.len());
-                let start = pos - within as u64;
-                let mut sector = [0u8; SECTOR as usize];
-                self.read_data(&mut sector, start)?;
-                sector[within..within + n].copy_from_slice(&rest[..n]);
-                c.encrypt(&mut sector, start);
-                self.file.write_at(&sector, start)?;
-                pos += n as u64;
-                rest = &rest[n..];
-                continue;
+        sector_pieces(host, buf.len(), |pos, range, whole| {
+            if whole {
+                let mut scratch = vec![0u8; range.len().min(CHUNK)];
+                let mut at = pos;
+                for piece in buf[range].chunks(CHUNK) {
+                    let chunk = &mut scratch[..piece.len()];
+                    chunk.copy_from_slice(piece);
+                    c.encrypt(chunk, at);
+                    self.file.write_at(chunk, at)?;
+                    at += piece.len() as u64;
+                }
+                return Ok(());
             }
-            let whole = rest.len() - rest.len() % SECTOR as usize;
-            let mut scratch = vec![0u8; whole.min(CHUNK)];
-            for piece in rest[..whole].chunks(CHUNK) {
-                let chunk = &mut scratch[..piece.len()];
-                chunk.copy_from_slice(piece);
-                c.encrypt(chunk, pos);
-                self.file.write_at(chunk, pos)?;
-                pos += piece.len() as u64;
-            }
-            rest = &rest[whole..];
-        }
-        Ok(())
+            let (start, at) = (pos - pos % SECTOR, (pos % SECTOR) as usize);
+            let mut sector = [0u8; SECTOR as usize];
+            self.read_data(&mut sector, start)?;
+            sector[at..at + range.len()].copy_from_slice(&buf[range]);
+            c.encrypt(&mut sector, start);
+            self.file.write_at(&sector, start)
+        })
     }
 
     /// [`Qcow2::write_data`] after the metadata overlap check (see `write_checked`).
@@ -488,6 +504,31 @@ mod tests {
             })
         );
         assert_eq!(crypto_area(p, &header_with(0, None), len).unwrap(), None);
+    }
+
+    #[test]
+    fn requests_split_into_partial_and_whole_sectors() {
+        let split = |host: u64, len: usize| {
+            let mut v = Vec::new();
+            sector_pieces(host, len, |pos, r, whole| {
+                v.push((pos, r, whole));
+                Ok(())
+            })
+            .unwrap();
+            v
+        };
+        assert_eq!(split(1024, 1536), [(1024, 0..1536, true)]);
+        assert_eq!(split(1000, 10), [(1000, 0..10, false)]);
+        assert_eq!(
+            split(1000, 2000),
+            [
+                (1000, 0..24, false),
+                (1024, 24..1560, true),
+                (2560, 1560..2000, false)
+            ]
+        );
+        assert_eq!(split(512, 100), [(512, 0..100, false)]);
+        assert!(split(7, 0).is_empty());
     }
 
     #[test]
