@@ -5,14 +5,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 
 use anyhow::{anyhow, bail, Context, Result};
-use vdisk_formats::{BlockDev, Format, OpenOptions};
+use vdisk_formats::BlockDev;
 use vdisk_nbd::fuse::{FuseMount, FuseOptions};
 use vdisk_nbd::kernel::{self, ConnectOptions, Device};
 use vdisk_nbd::{Export, Server};
 
 use crate::daemon::{self, Event, Stderr};
 use crate::errors::describe;
+use crate::export::ImageArgs;
 use crate::mounts::{self, MountState};
+use crate::objects::Objects;
 
 /// Mount a file system that lives inside a disk image.
 ///
@@ -29,6 +31,9 @@ use crate::mounts::{self, MountState};
 ///
 ///   vdisk mount --read-only -o noload -P 2 -f raw disk.img /mnt/disk
 ///
+///   vdisk mount --object secret,id=s0,file=pass.txt --image-opts \
+///       driver=luks,key-secret=s0,file.filename=disk.luks /mnt/disk
+///
 ///   vdisk umount /mnt/disk
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -41,9 +46,17 @@ pub struct Args {
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
 
-    /// Format of the image (raw, qcow2); probed when not given
+    /// Format of the image (raw, qcow2, luks); probed when not given
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
+
+    /// IMAGE is a set of image options: driver=FMT,file.filename=PATH[,key-secret=ID]
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+
+    /// Define a secret for key-secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
+    #[arg(long = "object", value_name = "OBJDEF")]
+    object: Vec<String>,
 
     /// Mount options, passed to mount(8) -o
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
@@ -55,7 +68,7 @@ pub struct Args {
 
     /// The image holding the file system
     #[arg(value_name = "IMAGE")]
-    image: PathBuf,
+    image: String,
 
     /// Where to mount it (an existing directory)
     #[arg(value_name = "DIR")]
@@ -92,12 +105,15 @@ pub fn run(args: Args) -> Result<()> {
         }
         MountState::remove(&dir)?;
     }
-    let image = std::path::absolute(&args.image)?;
-    let format = args
-        .format
-        .as_deref()
-        .map(|f| Format::from_name(f).map_err(|e| anyhow!(describe(&e))))
-        .transpose()?;
+    let objects = Objects::parse(&args.object)?;
+    let image_args = ImageArgs {
+        format: args.format.clone(),
+        read_only: args.read_only,
+        discard: Some("unmap".into()),
+        image_opts: args.image_opts,
+        ..Default::default()
+    };
+    image_args.policy()?;
     let nbd = kernel::module_loaded();
     if !nbd && !Path::new("/dev/fuse").exists() {
         bail!("neither the nbd kernel module nor FUSE (/dev/fuse) is available");
@@ -105,15 +121,8 @@ pub fn run(args: Args) -> Result<()> {
     let log = mounts::log_file(&dir)?;
     let child = daemon::fork()?;
     let (tx, events) = daemon::termination_events()?;
-    let dev = vdisk_formats::open(
-        &image,
-        OpenOptions {
-            format,
-            read_only: args.read_only,
-            no_backing: false,
-        },
-    )
-    .map_err(|e| anyhow!("Could not open '{}': {}", image.display(), describe(&e)))?;
+    let opened = image_args.open(&args.image, &objects)?;
+    let (dev, image) = (opened.dev, std::path::absolute(opened.path)?);
 
     let attachment = attach(&dev, &image, nbd, args.read_only, tx)?;
     let source = match mount_fs(&args, &attachment, &dir) {
