@@ -400,3 +400,84 @@ fn vdisk_serve_under_nbdfuse_and_a_loop_device() {
     );
     verify_image(&img, dir.path(), &[]);
 }
+
+#[test]
+fn vdisk_mount_of_a_luks_image_with_a_secret_object() {
+    if !usable(&[]) {
+        return;
+    }
+    let dir = temp_dir();
+    let raw = dir.path().join("fs.raw");
+    qemu_img(["create", "-q", "-f", "raw", raw.to_str().unwrap(), "64M"]).ok();
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw));
+    let luks = dir.path().join("disk.luks");
+    let secret = "secret,id=s0,data=swordfish";
+    qemu_img([
+        "convert",
+        "--object",
+        secret,
+        "-f",
+        "raw",
+        "-O",
+        "luks",
+        "-o",
+        "key-secret=s0,iter-time=10",
+        raw.to_str().unwrap(),
+        luks.to_str().unwrap(),
+    ])
+    .ok();
+    let opts = format!("driver=luks,key-secret=s0,file.filename={}", luks.display());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let wrong = vdisk([
+        "mount",
+        "--object",
+        "secret,id=s0,data=guess",
+        "--image-opts",
+        &opts,
+        mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(wrong.code, Some(1));
+    assert!(
+        wrong.stderr.contains("Invalid password"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(!is_mounted(&mnt));
+
+    let mut cleanup = Cleanup(Vec::new());
+    vdisk([
+        "mount",
+        "--object",
+        secret,
+        "--image-opts",
+        &opts,
+        mnt.to_str().unwrap(),
+    ])
+    .ok();
+    cleanup.push(&[VDISK, "umount", mnt.to_str().unwrap()]);
+    let data = pattern(2 << 20, 5);
+    std::fs::write(mnt.join("inside-luks.bin"), &data).unwrap();
+    vdisk(["umount", mnt.to_str().unwrap()]).ok();
+    cleanup.0.clear();
+
+    let back = dir.path().join("back.raw");
+    qemu_img([
+        "convert",
+        "--object",
+        secret,
+        "--image-opts",
+        &opts,
+        "-O",
+        "raw",
+        back.to_str().unwrap(),
+    ])
+    .ok();
+    sh(Command::new("mount")
+        .arg("-o")
+        .arg("ro,loop")
+        .arg(&back)
+        .arg(&mnt));
+    cleanup.push(&["umount", mnt.to_str().unwrap()]);
+    assert!(std::fs::read(mnt.join("inside-luks.bin")).unwrap() == data);
+}
