@@ -15,9 +15,8 @@ use crate::errors::os_message;
 use crate::export::ImageArgs;
 use crate::nbd_list;
 
-/// QEMU Disk Network Block Device Utility (vdisk)
-///
-/// Usage: qemu-nbd [OPTIONS] FILE | qemu-nbd -L [OPTIONS] | qemu-nbd -d DEV
+/// QEMU Disk Network Block Device Utility (vdisk): serve FILE, list a server's exports (-L),
+/// or attach FILE to /dev/nbdN (-c) and detach it (-d DEV)
 #[derive(Parser, Debug)]
 #[command(name = "qemu-nbd", version, args_override_self = true)]
 struct Cli {
