@@ -56,3 +56,73 @@ for fmt in qcow2 raw; do
   v=$(best_of "$VDISK" bench -q -f "$fmt" "${BENCH_ARGS[@]}" "$work/v.$fmt")
   row "bench 1 GiB seq read ($fmt)" "$q" "$v"
 done
+
+# --- convert: vdisk convert against qemu-img convert ----------------------------------------------
+# Input: 256 MiB of text-like data (words drawn by a fixed-seed generator, so every run converts
+# the same bytes), and an 8 GiB raw image that is 95 % holes (64 runs of 6 MiB of that text).
+# Each row: best wall time of $REPEAT runs, the ratio, the output size on disk, and the peak RSS
+# (from /usr/bin/time) of the best run.
+text=$work/text.raw
+python3 - "$text" <<'PY'
+import random, sys
+rng = random.Random(20261122)
+letters = "etaoinshrdlcumwfgypbvkjxqz"
+weights = [12, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+words = ["".join(rng.choices(letters, weights, k=rng.randint(1, 10))) for _ in range(4000)]
+line_words = [rng.choices(words, k=rng.randint(4, 14)) for _ in range(20000)]
+lines = [(" ".join(w).capitalize() + ".\n").encode() for w in line_words]
+size, out = 256 << 20, bytearray()
+while len(out) < size:
+    out += b"".join(rng.choices(lines, k=4096))
+open(sys.argv[1], "wb").write(out[:size])
+PY
+sparse=$work/sparse.raw
+rm -f "$sparse"
+truncate -s 8G "$sparse"
+for i in $(seq 0 63); do
+  dd if="$text" of="$sparse" bs=1M count=6 skip=$(( (i * 4) % 250 )) seek=$(( i * 128 )) conv=notrunc status=none
+done
+
+# measure CMD...: runs CMD $REPEAT times; prints "SECONDS PEAK_RSS_KIB" of the fastest run.
+measure() {
+  local best="" rss=""
+  for _ in $(seq "$REPEAT"); do
+    [ -z "${SETUP:-}" ] || eval "$SETUP"
+    local line
+    line=$(/usr/bin/time -f '%e %M' "$@" 2>&1 >/dev/null | tail -1)
+    local t=${line% *} m=${line#* }
+    if [ -z "$best" ] || awk -v a="$t" -v b="$best" 'BEGIN { exit !(a < b) }'; then
+      best=$t rss=$m
+    fi
+  done
+  echo "$best $rss"
+}
+
+echo
+printf '%-34s %9s %9s %6s %11s %11s %10s %10s\n' "convert" "qemu-img" "vdisk" "ratio" \
+  "qemu out" "vdisk out" "qemu RSS" "vdisk RSS"
+# convert_row NAME INPUT ARGS...: times `convert ARGS INPUT OUT` with both tools.
+convert_row() {
+  local name=$1 input=$2
+  shift 2
+  SETUP="rm -f $work/q.out"
+  read -r qt qm < <(measure qemu-img convert "$@" "$input" "$work/q.out")
+  SETUP="rm -f $work/v.out"
+  read -r vt vm < <(measure "$VDISK" convert "$@" "$input" "$work/v.out")
+  SETUP=""
+  qemu-img compare -q "$work/q.out" "$work/v.out" || echo "  !! outputs differ for: $name" >&2
+  local qs vs
+  qs=$(du -k "$work/q.out" | cut -f1) vs=$(du -k "$work/v.out" | cut -f1)
+  printf '%-34s %8ss %8ss %6s %8s MiB %8s MiB %7s MiB %7s MiB\n' "$name" "$qt" "$vt" \
+    "$(awk -v q="$qt" -v v="$vt" 'BEGIN { printf "%.2f", (q > 0 ? v / q : 0) }')" \
+    $(( qs / 1024 )) $(( vs / 1024 )) $(( qm / 1024 )) $(( vm / 1024 ))
+}
+convert_row "raw -> qcow2 (256 MiB text)" "$text" -f raw -O qcow2
+qemu-img convert -f raw -O qcow2 "$text" "$work/text.qcow2"
+convert_row "qcow2 -> raw" "$work/text.qcow2" -f qcow2 -O raw
+convert_row "raw -> qcow2 -c zlib" "$text" -f raw -O qcow2 -c -o compression_type=zlib
+convert_row "raw -> qcow2 -c zstd" "$text" -f raw -O qcow2 -c -o compression_type=zstd
+qemu-img convert -f raw -O qcow2 -c "$text" "$work/zlib.qcow2"
+convert_row "compressed qcow2 (zlib) -> raw" "$work/zlib.qcow2" -f qcow2 -O raw
+convert_row "sparse 8 GiB raw (95 % holes) -> qcow2" "$sparse" -f raw -O qcow2
+convert_row "sparse 8 GiB raw (95 % holes) -> raw" "$sparse" -f raw -O raw

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::{BlockDev, Format, NodeInfo, OpenOptions};
+use vdisk_formats::{BlockDev, CreateOptions, Format, NodeInfo, OpenOptions, Passphrase};
 
 use crate::errors::{describe, UsageError};
+use crate::objects::Objects;
 use crate::options::parse_lists;
 
 /// An image as a command names it.
@@ -22,6 +23,8 @@ pub struct ImageRef {
     pub format: Option<String>,
     /// The id of the `--object secret` that unlocks an encrypted image (`key-secret=`).
     pub key_secret: Option<String>,
+    /// That secret, once looked up ([`ImageRef::with_secret`]).
+    pub secret: Option<Passphrase>,
 }
 
 impl ImageRef {
@@ -32,6 +35,7 @@ impl ImageRef {
             display: name.to_string(),
             format: format.map(str::to_string),
             key_secret: None,
+            secret: None,
         }
     }
 
@@ -56,6 +60,7 @@ impl ImageRef {
             display: arg.to_string(),
             format: None,
             key_secret: None,
+            secret: None,
         };
         let mut file = None;
         let mut unknown = None;
@@ -86,6 +91,14 @@ impl ImageRef {
         Ok(image)
     }
 
+    /// Looks up the `key-secret` of the image among the `--object` definitions.
+    pub fn with_secret(mut self, objects: &Objects) -> Result<ImageRef> {
+        if let Some(id) = &self.key_secret {
+            self.secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
+        }
+        Ok(self)
+    }
+
     /// Opens the image (its backing chain too, unless `no_backing`), with qemu-img's
     /// `Could not open 'FILE': ...` messages.
     pub fn open(&self, read_only: bool, no_backing: bool) -> Result<Arc<dyn BlockDev>> {
@@ -105,7 +118,12 @@ impl ImageRef {
             read_only,
             no_backing,
         };
-        vdisk_formats::open(&self.path, opts).map_err(|e| self.could_not_open(describe(&e)))
+        vdisk_formats::open_with_secret(&self.path, opts, self.secret.as_ref()).map_err(|e| {
+            // Some messages name the file themselves; the phrase around them names it already.
+            let why = describe(&e);
+            let prefix = format!("{}: ", self.path.display());
+            self.could_not_open(why.strip_prefix(&prefix).unwrap_or(&why))
+        })
     }
 
     /// The format asked for, or the probed one. Opening a probed raw image for writing prints
@@ -155,9 +173,10 @@ pub struct ImageOpts {
 }
 
 impl ImageOpts {
-    /// The image FILENAME names under these options.
+    /// The image FILENAME names under these options, with its secret looked up.
     pub fn image(&self, filename: &str) -> Result<ImageRef> {
-        ImageRef::parse(filename, self.format.as_deref(), self.image_opts)
+        ImageRef::parse(filename, self.format.as_deref(), self.image_opts)?
+            .with_secret(&Objects::parse(&self.object)?)
     }
 }
 
@@ -183,7 +202,13 @@ pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
             read_only: true,
             no_backing: true,
         };
-        let dev = vdisk_formats::open(&path, opts)
+        // Only the top image can be encrypted with the secret given for it.
+        let secret = if layers.is_empty() {
+            image.secret.as_ref()
+        } else {
+            None
+        };
+        let dev = vdisk_formats::open_with_secret(&path, opts, secret)
             .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), describe(&e)))?;
         let info = dev.info().map_err(|e| anyhow!(describe(&e)))?;
         next = info
@@ -233,6 +258,20 @@ impl HostFiles {
             .extent(host, len.min(file.size() - host))
             .map_err(|e| anyhow!(describe(&e)))?;
         Ok((e.length, e.kind != vdisk_formats::ExtentKind::Data))
+    }
+}
+
+/// Gives a new encrypted image the passphrase its `key-secret` option names.
+pub fn resolve_create_secret(opts: CreateOptions, objects: &Objects) -> Result<CreateOptions> {
+    match opts {
+        CreateOptions::Luks(mut o) => {
+            let Some(id) = o.key_secret.clone() else {
+                bail!("Parameter 'key-secret' is required for cipher");
+            };
+            o.passphrase = Some(Passphrase::new(objects.secret(&id)?.to_vec()));
+            Ok(CreateOptions::Luks(o))
+        }
+        other => Ok(other),
     }
 }
 

@@ -62,6 +62,8 @@ const CASES: &[Case] = &[
     Case { args: &["info", "q.qcow2"], ..C },
     Case { args: &["info", "--output=json", "q.qcow2"], stdout: Out::Json, ..C },
     Case { args: &["info", "--backing-chain", "top.qcow2"], ..C },
+    Case { args: &["info", "snap.qcow2"], ..C },
+    Case { args: &["info", "--output=json", "snap.qcow2"], stdout: Out::Json, ..C },
     Case { args: &["info", "missing.img"], ..C },
     Case { args: &["info", "-f", "qcow2", "raw.img"], ..C },
     Case { args: &["info"], ..C },
@@ -163,11 +165,30 @@ const CASES: &[Case] = &[
     Case { args: &["amend", "-o", "cluster_size=4k", "q.qcow2"], ..C },
     Case { args: &["amend", "-f", "raw", "-o", "size=1M", "raw.img"], ..C },
     Case { args: &["amend", "-o", "backing_file=base.qcow2", "q.qcow2"], ..C },
+    // --- LUKS, with secrets from --object ----------------------------------------------------------
+    Case { args: &["create", "-f", "luks", "--object", "secret,id=s0,data=pw", "-o", "key-secret=s0,iter-time=10", "l.luks", "4M"], ..C },
+    Case { args: &["create", "-f", "luks", "-o", "key-secret=s0", "l.luks", "4M"], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "out.raw"], prep: &[LUKS_FROM_RAW], outputs: &["out.raw"], ..C },
+    Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], prep: &[LUKS_FROM_RAW], ..C },
+    Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], prep: &[LUKS_FROM_RAW], stdout: Out::Json, ..C },
+    Case { args: &["compare", "--object", "secret,id=s0,data=wrong", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], prep: &[LUKS_FROM_RAW], ..C },
     // --- the top level -----------------------------------------------------------------------------------
     Case { args: &["foo"], ..C },
 ];
 
 const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
+const LUKS_IMAGE: &str = "driver=luks,key-secret=s0,file.filename=l.luks";
+const LUKS_FROM_RAW: &[&str] = &[
+    "convert",
+    "-O",
+    "luks",
+    "--object",
+    "secret,id=s0,data=pw",
+    "-o",
+    "key-secret=s0,iter-time=10",
+    "raw.img",
+    "l.luks",
+];
 
 /// Runs qemu-img in `dir` (the guest writes of the fixture go through `common::qemu_io`).
 fn qemu(dir: &Path, args: &[&str]) {
@@ -179,10 +200,19 @@ fn qemu(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "qemu-img {args:?}: {:?}", out);
 }
 
-/// The images every case starts from (small and sparse): format, file, size (empty: the backing
-/// file's), more `qemu-img create` options, then the guest writes qemu-io makes.
+/// One image of the fixture: format, file, size (empty: the backing file's), more `qemu-img
+/// create` options, then the guest writes qemu-io makes.
+type Image = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+/// The images every case starts from (small and sparse).
 #[rustfmt::skip]
-const FIXTURE: &[(&str, &str, &str, &[&str], &[&str])] = &[
+const FIXTURE: &[Image] = &[
     ("raw", "raw.img", "8M", &[], &["write -P 0xa5 0 1M", "write -P 0x5a 3M 64k"]),
     ("raw", "small.raw", "1M", &[], &["write -P 0x11 4k 4k"]),
     ("qcow2", "q.qcow2", "8M", &[], &["write -P 1 0 1M", "write -z 2M 1M", "write -c -P 3 4M 64k", "write -P 4 6M 4k"]),

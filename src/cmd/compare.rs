@@ -7,6 +7,7 @@ use vdisk_formats::{BlockDev, Extent, ExtentKind};
 
 use crate::errors::{describe, Exit, UsageError};
 use crate::image_args::{check_cache_mode, ImageRef};
+use crate::objects::Objects;
 use crate::progress::Progress;
 
 /// Largest read while comparing.
@@ -92,8 +93,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let open = |name: &str, format: &Option<String>| -> Result<Arc<dyn BlockDev>> {
+        let objects = Objects::parse(&args.object)?;
         let image = ImageRef::parse(name, format.as_deref(), args.image_opts)?;
-        image.open(true, false)
+        image.with_secret(&objects)?.open(true, false)
     };
     let opened = check_cache_mode(args.cache.as_deref(), "")
         .and_then(|()| Ok((open(a, &args.a_format)?, open(b, &args.b_format)?)));

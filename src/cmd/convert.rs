@@ -8,8 +8,9 @@ use vdisk_formats::image::create_options_help;
 use vdisk_formats::{BlockDev, CreateOptions, Format};
 
 use crate::errors::describe;
-use crate::image_args::{check_cache_mode, parse_target_format, ImageRef};
+use crate::image_args::{check_cache_mode, parse_target_format, resolve_create_secret, ImageRef};
 use crate::numbers::{parse_int_in, parse_size_arg};
+use crate::objects::Objects;
 use crate::options;
 use crate::progress::Progress;
 
@@ -195,10 +196,12 @@ pub fn run(args: Args) -> Result<()> {
         bail!("Source lacks bitmap support");
     }
 
+    let objects = Objects::parse(&args.object)?;
     let (target_name, source_names) = args.files.split_last().expect("two names or more");
     let mut sources = Vec::new();
     for name in source_names {
-        let image = ImageRef::parse(name, args.source_format.as_deref(), args.image_opts)?;
+        let image = ImageRef::parse(name, args.source_format.as_deref(), args.image_opts)?
+            .with_secret(&objects)?;
         if args.snapshot.is_some() {
             // Reading an internal snapshot needs the snapshot support of the qcow2 driver.
             bail!("Failed to load snapshot: Can't find snapshot");
@@ -209,7 +212,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let target = if args.no_create {
         let image = if args.target_image_opts {
-            ImageRef::parse(target_name, None, true)?
+            ImageRef::parse(target_name, None, true)?.with_secret(&objects)?
         } else {
             ImageRef::file(target_name, args.target_format.as_deref())
         };
@@ -219,7 +222,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         dev
     } else {
-        create_target(&args, target_name, target_format, total, &list.pairs)?
+        create_target(
+            &args,
+            &objects,
+            target_name,
+            target_format,
+            total,
+            &list.pairs,
+        )?
     };
     if args.compress && target.compressed_cluster_size().is_none() {
         bail!("Compression not supported for this file format");
@@ -265,6 +275,7 @@ fn sparse_size(text: &str) -> Result<u64> {
 /// and opens it. Errors read `TARGET: error while converting FMT: ...` as qemu-img's do.
 fn create_target(
     args: &Args,
+    objects: &Objects,
     name: &str,
     format: Format,
     size: u64,
@@ -293,6 +304,13 @@ fn create_target(
         }
         other => other,
     };
+    let opts = resolve_create_secret(opts, objects)?;
+    let secret = match &opts {
+        CreateOptions::Luks(o) => o.passphrase.clone(),
+        _ => None,
+    };
     vdisk_formats::create(name.as_ref(), &opts).map_err(|e| failed(describe(&e)))?;
-    ImageRef::file(name, Some(format.name())).open(false, false)
+    let mut image = ImageRef::file(name, Some(format.name()));
+    image.secret = secret;
+    image.open(false, false)
 }

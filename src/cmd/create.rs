@@ -7,8 +7,9 @@ use vdisk_formats::image::create_options_help;
 use vdisk_formats::{CreateOptions, Format, OpenOptions};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{backing_path, parse_driver};
+use crate::image_args::{backing_path, parse_driver, resolve_create_secret};
 use crate::numbers::cvtnum;
+use crate::objects::Objects;
 use crate::options::{self, CheckedOption, Typed};
 
 /// Create a new disk image.
@@ -54,7 +55,7 @@ pub struct Args {
     #[arg(short = 'u', long = "backing-unsafe")]
     backing_unsafe: bool,
 
-    /// A QEMU user-creatable object such as a secret (not supported yet)
+    /// A secret for encrypted images: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
     #[arg(long = "object", value_name = "OBJDEF")]
     object: Vec<String>,
 
@@ -103,12 +104,7 @@ fn create_file(
     pairs: &[(String, String)],
 ) -> Result<()> {
     let format = parse_format(&args.format)?;
-    if format == Format::Luks {
-        bail!("creating LUKS images is not supported yet");
-    }
-    if !args.object.is_empty() {
-        bail!("--object is not supported yet");
-    }
+    let objects = Objects::parse(&args.object)?;
     let mut pairs = pairs.to_vec();
     if let Some(b) = &args.backing {
         pairs.push(("backing_file".into(), b.clone()));
@@ -174,6 +170,7 @@ fn create_file(
         }
         other => other.map_err(|e| anyhow!(describe(&e)))?,
     };
+    let opts = resolve_create_secret(opts, &objects)?;
     vdisk_formats::create(&file, &opts).map_err(|e| anyhow!(describe(&e)))
 }
 
@@ -227,9 +224,6 @@ fn image_size(text: &str) -> Result<u64> {
 /// `-o help`: the options of the format. Without a file name qemu-img adds that the protocol may
 /// know more options.
 pub(crate) fn print_help(format: Format, with_file: bool) -> Result<()> {
-    if format == Format::Luks {
-        bail!("creating LUKS images is not supported yet");
-    }
     if with_file {
         println!("Supported options:");
     } else {
@@ -282,7 +276,16 @@ fn echo_order(format: Format) -> &'static [(&'static str, Option<&'static str>)]
             ("nocow", None),
             ("extent_size_hint", None),
         ],
-        Format::Luks => &[],
+        Format::Luks => &[
+            ("size", None),
+            ("key-secret", None),
+            ("cipher-alg", None),
+            ("cipher-mode", None),
+            ("ivgen-alg", None),
+            ("ivgen-hash-alg", None),
+            ("hash-alg", None),
+            ("iter-time", None),
+        ],
     }
 }
 

@@ -182,6 +182,7 @@ fn human(info: &NodeInfo) -> String {
             line(format!("backing file format: {f}"));
         }
     }
+    out.push_str(&crate::cmd::snapshot::table(&info.snapshots));
     dump_specific(&mut out, info, 0);
     dump_children(&mut out, info, "", 1);
     out
@@ -254,6 +255,12 @@ fn to_json(info: &NodeInfo) -> Value {
         .map(|c| json!({"name": c.name, "info": to_json(&c.info)}))
         .collect();
     m.insert("children".into(), Value::Array(children));
+    if !info.snapshots.is_empty() {
+        m.insert(
+            "snapshots".into(),
+            info.snapshots.iter().map(snapshot_json).collect(),
+        );
+    }
     if let Some(f) = info.backing.as_ref().and_then(|b| b.format.as_ref()) {
         m.insert("backing-filename-format".into(), json!(f));
     }
@@ -279,6 +286,22 @@ fn to_json(info: &NodeInfo) -> Value {
         m.insert("backing-filename".into(), json!(b.filename));
     }
     m.insert("dirty-flag".into(), json!(info.dirty_flag));
+    Value::Object(m)
+}
+
+/// One entry of `"snapshots"`, keys in qemu-img's order.
+fn snapshot_json(s: &vdisk_formats::SnapshotInfo) -> Value {
+    let mut m = Map::new();
+    if let Some(n) = s.icount {
+        m.insert("icount".into(), json!(n));
+    }
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec));
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_sec));
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
     Value::Object(m)
 }
 
