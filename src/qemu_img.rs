@@ -10,6 +10,13 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 /// The qemu-img release whose interface vdisk follows.
 pub const QEMU_VERSION: &str = "10.0.2";
 
+/// The commands qemu-img has (and vdisk implements); vdisk's others (serve, boot ...) still work
+/// under the qemu-img name but are not listed.
+const QEMU_IMG_COMMANDS: &[&str] = &[
+    "amend", "bench", "check", "commit", "compare", "convert", "create", "dd", "info", "map",
+    "measure", "rebase", "resize", "snapshot",
+];
+
 /// Handles the arguments qemu-img reads before the command name. `None` means a command follows
 /// and clap should parse the rest.
 pub fn top_level(args: &[OsString], commands: &clap::Command) -> Option<ExitCode> {
@@ -53,7 +60,7 @@ fn help(commands: &clap::Command) -> String {
     );
     let mut names: Vec<&clap::Command> = commands
         .get_subcommands()
-        .filter(|c| !c.is_hide_set())
+        .filter(|c| QEMU_IMG_COMMANDS.contains(&c.get_name()))
         .collect();
     names.sort_by_key(|c| c.get_name());
     for c in names {

@@ -94,7 +94,7 @@ pub struct Args {
     )]
     sparse_size: Option<String>,
 
-    /// Number of parallel workers, 1 to 16 (default 8)
+    /// Number of parallel workers, 1 to 16 (default: the number of CPUs, at most 8)
     #[arg(
         short = 'm',
         long = "parallel",
@@ -169,7 +169,8 @@ pub fn run(args: Args) -> Result<()> {
         Some(text) => sparse_size(text)?,
     };
     let threads = match args.parallel.as_deref() {
-        None => 8,
+        // qemu-img's 8 coroutines; vdisk's workers are threads, so no more than the CPUs.
+        None => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
         Some(text) => parse_int_in(text, 1, 16).map_err(|_| {
             anyhow!("Invalid number of coroutines specified. Must be between 1 and 16.")
         })? as usize,
