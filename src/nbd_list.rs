@@ -4,12 +4,18 @@
 //! The steps are those of qemu's client (NBD spec, "Option types"): agree on extended headers
 //! (or else structured replies), `NBD_OPT_LIST` for the names and descriptions, then for each
 //! export `NBD_OPT_INFO` (size, flags, block sizes) and `NBD_OPT_LIST_META_CONTEXT` with no
-//! query (every context), and `NBD_OPT_ABORT`. The `vdisk_nbd` crate is server-only, so this
-//! small client lives here; it reads only the replies these options can produce.
+//! query (every context), and `NBD_OPT_ABORT`. With TLS credentials, `NBD_OPT_STARTTLS` comes
+//! first and the rest runs encrypted. The `vdisk_nbd` crate is server-only, so this small client
+//! lives here; it reads only the replies these options can produce.
 
 use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -20,6 +26,7 @@ const FLAG_NO_ZEROES: u16 = 2;
 
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_STRUCTURED_REPLY: u32 = 8;
 const OPT_LIST_META_CONTEXT: u32 = 9;
@@ -167,6 +174,12 @@ impl<S: Read + Write> Client<S> {
                         .ok_or_else(|| anyhow!("Truncated NBD_REP_SERVER reply"))?;
                     names.push((lossy(name), lossy(&d[4 + len..])));
                 }
+                k if k == REP_ERR_BIT | 5 => bail!(
+                    "TLS negotiation required before option 3 (list)\n\
+                     Did you forget a valid tls-creds?\n\
+                     server reported: {}",
+                    lossy(&reply.data)
+                ),
                 k if k & REP_ERR_BIT != 0 => bail!("{}", refusal("NBD_OPT_LIST", &reply)),
                 k => bail!("Unexpected reply type {k} to NBD_OPT_LIST"),
             }
@@ -224,45 +237,114 @@ impl<S: Read + Write> Client<S> {
     }
 }
 
-/// Runs the whole listing conversation on a connected socket.
-pub fn list_exports<S: Read + Write>(sock: S) -> Result<Vec<ExportInfo>> {
-    let mut c = Client { sock };
-    let mut greeting = [0u8; 18];
-    c.sock.read_exact(&mut greeting)?;
-    if u64::from_be_bytes(greeting[0..8].try_into().unwrap()) != NBD_MAGIC {
-        bail!("Bad initial magic received");
-    }
-    if u64::from_be_bytes(greeting[8..16].try_into().unwrap()) != IHAVEOPT {
-        bail!("Server does not support the newstyle handshake");
-    }
-    let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
-    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        bail!("Server does not support the fixed newstyle handshake");
-    }
-    let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-    c.sock.write_all(&client_flags.to_be_bytes())?;
+/// Client TLS credentials: qemu's x509 directory layout (`ca-cert.pem`, and `client-cert.pem`
+/// with `client-key.pem` when the server checks clients), and the name the server's certificate
+/// must carry.
+pub struct ClientTls<'a> {
+    pub dir: &'a Path,
+    pub hostname: &'a str,
+}
 
-    let extended = c.simple_option(OPT_EXTENDED_HEADERS)?;
-    let structured = extended || c.simple_option(OPT_STRUCTURED_REPLY)?;
-    let mut exports: Vec<ExportInfo> = c
-        .list()?
-        .into_iter()
-        .map(|(name, description)| ExportInfo {
-            name,
-            description,
-            extended,
-            ..Default::default()
-        })
-        .collect();
-    for e in &mut exports {
-        c.info(e)?;
-        if structured {
-            c.meta_contexts(e)?;
+impl ClientTls<'_> {
+    fn connection(&self) -> Result<ClientConnection> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        let ca = self.dir.join("ca-cert.pem");
+        for cert in CertificateDer::pem_file_iter(&ca)
+            .with_context(|| format!("Unable to read '{}'", ca.display()))?
+        {
+            roots.add(cert.with_context(|| format!("'{}'", ca.display()))?)?;
+        }
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let cert = self.dir.join("client-cert.pem");
+        let config = if cert.exists() {
+            let chain = CertificateDer::pem_file_iter(&cert)?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("'{}'", cert.display()))?;
+            let key_file = self.dir.join("client-key.pem");
+            let key = PrivateKeyDer::from_pem_file(&key_file)
+                .with_context(|| format!("'{}'", key_file.display()))?;
+            builder.with_client_auth_cert(chain, key)?
+        } else {
+            builder.with_no_client_auth()
+        };
+        let name = ServerName::try_from(self.hostname.to_string())
+            .map_err(|_| anyhow!("Invalid TLS hostname '{}'", self.hostname))?;
+        Ok(ClientConnection::new(Arc::new(config), name)?)
+    }
+}
+
+/// Runs the whole listing conversation on a connected socket, over TLS when `tls` is given.
+pub fn list_exports<S: Read + Write>(sock: S, tls: Option<&ClientTls>) -> Result<Vec<ExportInfo>> {
+    let mut c = Client { sock };
+    c.greet()?;
+    match tls {
+        None => c.list_all(),
+        Some(tls) => {
+            c.send_option(OPT_STARTTLS, &[])?;
+            let reply = c.read_reply(OPT_STARTTLS)?;
+            if reply.kind != REP_ACK {
+                bail!("{}", refusal("NBD_OPT_STARTTLS", &reply));
+            }
+            let mut stream = StreamOwned::new(tls.connection()?, c.sock);
+            while stream.conn.is_handshaking() {
+                stream
+                    .conn
+                    .complete_io(&mut stream.sock)
+                    .context("TLS handshake failed")?;
+            }
+            Client { sock: stream }.list_all()
         }
     }
-    // A courtesy before hanging up; the server's ACK is not awaited.
-    let _ = c.send_option(OPT_ABORT, &[]);
-    Ok(exports)
+}
+
+impl<S: Read + Write> Client<S> {
+    /// The fixed-newstyle greeting and our flags.
+    fn greet(&mut self) -> Result<()> {
+        let mut greeting = [0u8; 18];
+        self.sock.read_exact(&mut greeting)?;
+        if u64::from_be_bytes(greeting[0..8].try_into().unwrap()) != NBD_MAGIC {
+            bail!("Bad initial magic received");
+        }
+        if u64::from_be_bytes(greeting[8..16].try_into().unwrap()) != IHAVEOPT {
+            bail!("Server does not support the newstyle handshake");
+        }
+        let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+            bail!("Server does not support the fixed newstyle handshake");
+        }
+        let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+        self.sock.write_all(&client_flags.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Everything after the greeting (and TLS): header modes, the list, each export's details.
+    fn list_all(mut self) -> Result<Vec<ExportInfo>> {
+        let extended = self.simple_option(OPT_EXTENDED_HEADERS)?;
+        let structured = extended || self.simple_option(OPT_STRUCTURED_REPLY)?;
+        let mut exports: Vec<ExportInfo> = self
+            .list()?
+            .into_iter()
+            .map(|(name, description)| ExportInfo {
+                name,
+                description,
+                extended,
+                ..Default::default()
+            })
+            .collect();
+        for e in &mut exports {
+            self.info(e)?;
+            if structured {
+                self.meta_contexts(e)?;
+            }
+        }
+        // A courtesy before hanging up; the server's ACK is not awaited.
+        let _ = self.send_option(OPT_ABORT, &[]);
+        let _ = self.sock.flush();
+        Ok(exports)
+    }
 }
 
 fn name_field(name: &str) -> Vec<u8> {
@@ -274,6 +356,7 @@ fn name_field(name: &str) -> Vec<u8> {
 fn refusal(option: &str, reply: &OptReply) -> String {
     let text = lossy(&reply.data);
     let what = match reply.kind & !REP_ERR_BIT {
+        1 if option == "NBD_OPT_STARTTLS" => "the server does not offer TLS",
         1 => "unsupported",
         2 => "denied by policy",
         3 => "invalid",

@@ -670,6 +670,67 @@ fn tls_export_with_certtool_certificates() {
     );
     assert_eq!(json(&info(&sock2, &ca_only).ok())["TLS"], true);
 
+    // -L over TLS: vdisk run as qemu-nbd lists both servers as qemu-nbd does.
+    if have("qemu-nbd") {
+        let sock3 = dir.path().join("tls3.sock");
+        let s3 = sock3.clone();
+        let qemu_object = format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
+            server_dir.display()
+        );
+        let _q = Server::start(
+            "qemu-nbd",
+            &[
+                "--object",
+                &qemu_object,
+                "--tls-creds",
+                "tls0",
+                "-t",
+                "-f",
+                "raw",
+                "-k",
+                sock3.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ],
+            move || s3.exists(),
+        );
+        let fake = vdisk_as_qemu_nbd(dir.path());
+        let client = format!(
+            "tls-creds-x509,id=c0,dir={},endpoint=client",
+            client_dir.display()
+        );
+        let list = |program: &Path, sock: &Path| {
+            run(Command::new(program)
+                .args([
+                    "-L",
+                    "--object",
+                    &client,
+                    "--tls-creds",
+                    "c0",
+                    "--tls-hostname",
+                    "localhost",
+                    "-k",
+                ])
+                .arg(sock))
+            .ok()
+            .stdout
+        };
+        let qemu = Path::new("qemu-nbd");
+        for sock in [&sock3, &sock2] {
+            assert_lines_eq(&list(&fake, sock), &list(qemu, sock), "-L over TLS");
+        }
+        // Without credentials both listers are told TLS is required.
+        let plain = run(Command::new(&fake).arg("-L").arg("-k").arg(&sock3));
+        assert_eq!(plain.code, Some(1));
+        assert!(
+            plain
+                .stderr
+                .starts_with("qemu-nbd: TLS negotiation required before option 3 (list)\n"),
+            "{}",
+            plain.stderr
+        );
+    }
+
     // Client credentials cannot serve.
     let bad = format!("tls-creds-x509,id=tls1,dir={}", client_dir.display());
     let out = vdisk([

@@ -6,14 +6,15 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
 use crate::cmd::connect;
 use crate::cmd::serve::{self, ServerArgs};
 use crate::errors::os_message;
 use crate::export::ImageArgs;
-use crate::nbd_list;
+use crate::nbd_list::{self, ClientTls};
+use crate::objects::{Endpoint, Objects};
 
 /// QEMU Disk Network Block Device Utility (vdisk): serve FILE, list a server's exports (-L),
 /// or attach FILE to /dev/nbdN (-c) and detach it (-d DEV)
@@ -102,28 +103,45 @@ fn list(cli: &Cli) -> Result<()> {
     if s.fork {
         bail!("List mode is incompatible with forking");
     }
-    if s.tls_creds.is_some() {
-        bail!("vdisk cannot list exports over TLS yet");
-    }
+    let host = s.bind.as_deref().unwrap_or("0.0.0.0");
+    let objects = Objects::parse(&cli.image.object)?;
+    let creds = match &s.tls_creds {
+        None => {
+            if s.tls_hostname.is_some() {
+                bail!("--tls-hostname is not permitted without --tls-creds");
+            }
+            None
+        }
+        Some(id) => Some(
+            objects
+                .tls_creds(id, Endpoint::Client)
+                .context("Failed to get TLS creds")?
+                .0
+                .to_path_buf(),
+        ),
+    };
+    // qemu checks the server's certificate against --tls-hostname, else the -b address.
+    let tls = creds.as_deref().map(|dir| ClientTls {
+        dir,
+        hostname: s.tls_hostname.as_deref().unwrap_or(host),
+    });
     let exports = match &s.socket {
         Some(path) => {
             let sock = UnixStream::connect(path).map_err(|e| {
-                anyhow::anyhow!(
+                anyhow!(
                     "Failed to connect to '{}': {}",
                     path.display(),
                     os_message(&e)
                 )
             })?;
-            nbd_list::list_exports(sock)?
+            nbd_list::list_exports(sock, tls.as_ref())?
         }
         None => {
-            let host = s.bind.as_deref().unwrap_or("0.0.0.0");
             let port = s.port.as_deref().unwrap_or("10809");
             let addr = format!("{host}:{port}");
-            let sock = TcpStream::connect(&addr).map_err(|e| {
-                anyhow::anyhow!("Failed to connect to '{addr}': {}", os_message(&e))
-            })?;
-            nbd_list::list_exports(sock)?
+            let sock = TcpStream::connect(&addr)
+                .map_err(|e| anyhow!("Failed to connect to '{addr}': {}", os_message(&e)))?;
+            nbd_list::list_exports(sock, tls.as_ref())?
         }
     };
     print!("{}", nbd_list::render(&exports));
