@@ -261,6 +261,74 @@ impl HostFiles {
     }
 }
 
+/// An image as it was when one of its internal snapshots was taken (`-l`): a temporary copy of
+/// the image, beside it, reverted to the snapshot. The qcow2 driver has no read-only view of a
+/// snapshot yet, so this costs a copy of the file. The copy is removed when dropped.
+pub struct SnapshotCopy {
+    pub image: ImageRef,
+}
+
+impl SnapshotCopy {
+    /// `spec` is `snapshot.id=ID`, `snapshot.name=NAME`, or an id or name.
+    pub fn new(image: &ImageRef, spec: &str) -> Result<SnapshotCopy> {
+        let format = image.format_or_probe(true)?;
+        if format != Format::Qcow2 {
+            bail!(
+                "Failed to load snapshot: Block format '{format}' used by device '' does not \
+                 support temporarily loading internal snapshots"
+            );
+        }
+        let (mut id, mut name) = (None, None);
+        if spec.starts_with("snapshot.") {
+            for (k, v) in parse_lists(&[spec.to_string()])?.pairs {
+                match k.as_str() {
+                    "snapshot.id" => id = Some(v),
+                    "snapshot.name" => name = Some(v),
+                    _ => bail!("Invalid parameter '{k}'"),
+                }
+            }
+        } else {
+            id = Some(spec.to_string());
+        }
+        let list = vdisk_formats::qcow2::snapshot::list(&image.path)
+            .map_err(|e| image.could_not_open(describe(&e)))?;
+        let found = list.iter().find(|s| {
+            let id_ok = id.as_ref().is_none_or(|i| s.id == *i);
+            let name_ok = name.as_ref().is_none_or(|n| s.name == *n);
+            (id_ok && name_ok) || (name.is_none() && id.as_ref() == Some(&s.name))
+        });
+        let Some(found) = found else {
+            bail!("Failed to load snapshot: Can't find snapshot");
+        };
+        let file_name = image
+            .path
+            .file_name()
+            .map_or("image".into(), |n| n.to_string_lossy());
+        let copy = image.path.with_file_name(format!(
+            ".{file_name}.vdisk-snapshot-{}",
+            std::process::id()
+        ));
+        let snapshot = SnapshotCopy {
+            image: ImageRef {
+                path: copy.clone(),
+                format: Some(format.name().to_string()),
+                ..image.clone()
+            },
+        };
+        std::fs::copy(&image.path, &copy)
+            .map_err(|e| anyhow!("Failed to load snapshot: {}", crate::errors::os_message(&e)))?;
+        vdisk_formats::qcow2::snapshot::apply(&copy, &found.id)
+            .map_err(|e| anyhow!("Failed to load snapshot: {}", describe(&e)))?;
+        Ok(snapshot)
+    }
+}
+
+impl Drop for SnapshotCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.image.path);
+    }
+}
+
 /// Gives a new encrypted image the passphrase its `key-secret` option names.
 pub fn resolve_create_secret(opts: CreateOptions, objects: &Objects) -> Result<CreateOptions> {
     match opts {

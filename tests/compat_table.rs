@@ -93,6 +93,10 @@ const CASES: &[Case] = &[
     Case { args: &["convert", "-O", "qcow2", "-o", "foo=1", "raw.img", "out"], ..C },
     Case { args: &["convert", "-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out"], ..C },
     Case { args: &["convert", "-Z", "raw.img", "out"], ..C },
+    Case { args: &["convert", "-l", "s1", "-O", "raw", "snap.qcow2", "out.raw"], outputs: &["out.raw", "snap.qcow2"], ..C },
+    Case { args: &["convert", "-l", "snapshot.id=1", "-O", "qcow2", "snap.qcow2", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "-l", "nope", "-O", "raw", "snap.qcow2", "out.raw"], ..C },
+    Case { args: &["measure", "-l", "s1", "-O", "qcow2", "snap.qcow2"], ..C },
     // --- map --------------------------------------------------------------------------------------------
     Case { args: &["map", "q.qcow2"], ..C },
     Case { args: &["map", "--output=json", "q.qcow2"], stdout: Out::Json, ..C },

@@ -8,7 +8,9 @@ use vdisk_formats::image::create_options_help;
 use vdisk_formats::{BlockDev, CreateOptions, Format};
 
 use crate::errors::describe;
-use crate::image_args::{check_cache_mode, parse_target_format, resolve_create_secret, ImageRef};
+use crate::image_args::{
+    check_cache_mode, parse_target_format, resolve_create_secret, ImageRef, SnapshotCopy,
+};
 use crate::numbers::{parse_int_in, parse_size_arg};
 use crate::objects::Objects;
 use crate::options;
@@ -200,14 +202,19 @@ pub fn run(args: Args) -> Result<()> {
     let objects = Objects::parse(&args.object)?;
     let (target_name, source_names) = args.files.split_last().expect("two names or more");
     let mut sources = Vec::new();
+    // Kept (and their files) until the copy is done.
+    let mut snapshot_copies = Vec::new();
     for name in source_names {
         let image = ImageRef::parse(name, args.source_format.as_deref(), args.image_opts)?
             .with_secret(&objects)?;
-        if args.snapshot.is_some() {
-            // Reading an internal snapshot needs the snapshot support of the qcow2 driver.
-            bail!("Failed to load snapshot: Can't find snapshot");
+        match &args.snapshot {
+            Some(spec) => {
+                let copy = SnapshotCopy::new(&image, spec)?;
+                sources.push(copy.image.open(true, false)?);
+                snapshot_copies.push(copy);
+            }
+            None => sources.push(image.open(true, false)?),
         }
-        sources.push(image.open(true, false)?);
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
 

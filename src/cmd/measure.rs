@@ -7,7 +7,7 @@ use vdisk_formats::image::create_options_help;
 use vdisk_formats::{BlockDev, ExtentKind, Format, FormatSpecific};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{chain, parse_target_format, HostFiles, ImageOpts, Output};
+use crate::image_args::{chain, parse_target_format, HostFiles, ImageOpts, Output, SnapshotCopy};
 use crate::numbers::cvtnum;
 use crate::options::{self, Typed};
 use crate::output::qemu_json;
@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long = "output", value_name = "human|json")]
     output: Option<String>,
 
-    /// Measure an internal snapshot of FILENAME (not supported yet)
+    /// Measure an internal snapshot of FILENAME (snapshot.id=ID, snapshot.name=NAME, or either)
     #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
 
@@ -85,15 +85,22 @@ pub fn run(args: Args) -> Result<()> {
     let list = options::parse_lists(&args.options)?;
     let checked = options::check_types(&list.pairs, create_options_help(target))?;
     let opt = |name: &str| checked.iter().find(|o| o.name == name);
+    let mut snapshot_copy: Option<SnapshotCopy> = None;
     let source: Option<std::sync::Arc<dyn BlockDev>> = match (&args.size, &args.filename) {
         (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
         (None, None) => bail!("Either --size N or one filename must be specified."),
         (Some(_), None) => None,
         (None, Some(file)) => {
-            if args.snapshot.is_some() {
-                bail!("Failed to load snapshot: Can't find snapshot");
+            let image = args.image.image(file)?;
+            match &args.snapshot {
+                Some(spec) => {
+                    let copy = SnapshotCopy::new(&image, spec)?;
+                    let dev = copy.image.open(true, false)?;
+                    snapshot_copy = Some(copy);
+                    Some(dev)
+                }
+                None => Some(image.open(true, false)?),
             }
-            Some(args.image.image(file)?.open(true, false)?)
         }
     };
     let virtual_size = match (&args.size, &source) {
@@ -121,8 +128,11 @@ pub fn run(args: Args) -> Result<()> {
                     .is_some_and(|o| o.text == "full" || o.text == "falloc"),
                 has_backing: opt("backing_file").is_some(),
             };
-            let host_files = match (&args.filename, &source) {
-                (Some(file), Some(_)) => Some(HostFiles::new(&chain(&args.image.image(file)?)?)),
+            let host_files = match (&args.filename, &snapshot_copy, &source) {
+                (_, Some(copy), Some(_)) => Some(HostFiles::new(&chain(&copy.image)?)),
+                (Some(file), None, Some(_)) => {
+                    Some(HostFiles::new(&chain(&args.image.image(file)?)?))
+                }
                 _ => None,
             };
             let (required, fully) =
