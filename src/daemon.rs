@@ -2,9 +2,10 @@
 //!
 //! ```text
 //!   vdisk serve --fork ──fork──> child: open image, listen ... ready() ──> serves
-//!        │                         │ stderr = pipe until ready()
-//!        └── relays the pipe to its stderr; exits when the pipe closes:
-//!            1 if the child printed anything or died, else 0
+//!        │                         │ stderr = pipe until ready(), which also sends one byte
+//!        │                         │ on a second pipe
+//!        └── relays the stderr pipe until it closes, then exits 0 if the byte came (warnings
+//!            printed on the way do not count), else 1
 //! ```
 //!
 //! [`fork`] must run before any thread is started (only the calling thread survives a fork).
@@ -24,6 +25,8 @@ use anyhow::{Context, Result};
 pub struct Child {
     /// The stderr the process had before the fork.
     original_stderr: OwnedFd,
+    /// Where the "ready" byte goes.
+    ready: File,
 }
 
 /// Where the daemon's stderr goes once it is running.
@@ -39,7 +42,7 @@ pub enum Stderr<'a> {
 
 impl Child {
     /// Tells the parent that start-up succeeded: stderr stops going to it, so it exits 0.
-    pub fn ready(self, stderr: Stderr) -> Result<()> {
+    pub fn ready(mut self, stderr: Stderr) -> Result<()> {
         let target: OwnedFd = match stderr {
             Stderr::Original => self.original_stderr,
             Stderr::File(path) => File::options()
@@ -50,29 +53,37 @@ impl Child {
                 .into(),
             Stderr::Null => File::options().write(true).open("/dev/null")?.into(),
         };
+        self.ready
+            .write_all(&[1])
+            .context("cannot tell the parent process")?;
         dup2(&target, libc::STDERR_FILENO)?;
         Ok(())
     }
 }
 
-/// Forks. The parent never returns: it copies what the child writes to stderr until the child
-/// calls [`Child::ready`] or exits, then exits itself with status 1 if the child wrote anything
-/// or failed, else 0. The child gets a new session, stdin and stdout on `/dev/null`, and
-/// returns.
-pub fn fork() -> Result<Child> {
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error()).context("cannot create a pipe");
     }
     // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Forks. The parent never returns: it copies what the child writes to stderr until the child
+/// calls [`Child::ready`] or exits, then exits itself with status 0 if the child became ready,
+/// else 1. The child gets a new session, stdin and stdout on `/dev/null`, and returns.
+pub fn fork() -> Result<Child> {
+    let (read_end, write_end) = pipe()?;
+    let (ready_read, ready_write) = pipe()?;
     // SAFETY: no other thread runs yet (the caller's contract), so the child is a complete copy.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()).context("Failed to fork"),
         0 => {
             drop(read_end);
+            drop(ready_read);
             let original_stderr = io::stderr().as_raw_fd();
             // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an open descriptor returns a new one we own.
             let saved = unsafe { libc::fcntl(original_stderr, libc::F_DUPFD_CLOEXEC, 3) };
@@ -92,36 +103,42 @@ pub fn fork() -> Result<Child> {
             dup2(&null, libc::STDIN_FILENO)?;
             dup2(&null, libc::STDOUT_FILENO)?;
             dup2(&write_end, libc::STDERR_FILENO)?;
-            Ok(Child { original_stderr })
+            Ok(Child {
+                original_stderr,
+                ready: File::from(ready_write),
+            })
         }
         pid => {
             drop(write_end);
-            std::process::exit(relay_until_ready(read_end, pid))
+            drop(ready_write);
+            std::process::exit(relay_until_ready(read_end, ready_read, pid))
         }
     }
 }
 
 /// The parent's side: copy the child's messages, then pick the exit status.
-fn relay_until_ready(read_end: OwnedFd, pid: libc::pid_t) -> i32 {
-    let mut pipe = File::from(read_end);
-    let mut printed = false;
+fn relay_until_ready(messages: OwnedFd, ready: OwnedFd, pid: libc::pid_t) -> i32 {
+    let mut pipe = File::from(messages);
     let mut buf = [0u8; 4096];
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                printed = true;
                 let _ = io::stderr().write_all(&buf[..n]);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return 1,
+            Err(_) => break,
         }
     }
+    let mut byte = [0u8; 1];
+    if matches!(File::from(ready).read(&mut byte), Ok(1)) {
+        return 0;
+    }
+    // The child ended before it was ready: reap it.
     let mut status = 0;
     // SAFETY: waitpid on our own child with a valid status pointer.
-    let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-    let failed = reaped == pid && !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
-    i32::from(printed || failed)
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    1
 }
 
 fn dup2(from: &OwnedFd, to: i32) -> Result<()> {

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::{BlockDev, CreateOptions, Format, OpenOptions, Passphrase};
+use vdisk_formats::{BlockDev, CreateOptions, Format, OpenOptions};
 
 use crate::errors::describe;
-use crate::image_args::{parse_driver, ImageRef};
+use crate::image_args::ImageRef;
 use crate::numbers::parse_u64;
 use crate::objects::Objects;
 use crate::tuned::{DetectZeroes, Flushing, Policy, Tuned};
@@ -158,28 +158,13 @@ impl ImageArgs {
                  by vdisk yet"
             );
         }
-        let image = ImageRef::parse(file, self.format.as_deref(), self.image_opts)?;
-        let secret = image
-            .key_secret
-            .as_deref()
-            .map(|id| objects.secret(id).map(|s| Passphrase::new(s.to_vec())))
-            .transpose()?;
-        let format = image
-            .format
-            .as_deref()
-            .map(parse_driver)
-            .transpose()
-            .map_err(|e| image.could_not_open(e))?;
-        let opts = OpenOptions {
-            format,
-            read_only: self.read_only,
-            no_backing: false,
-        };
+        let image =
+            ImageRef::parse(file, self.format.as_deref(), self.image_opts)?.with_secret(objects)?;
+        let format = image.format_or_probe(self.read_only)?;
         let dev = if self.snapshot {
-            open_overlay(&image, opts, secret.as_ref())?
+            open_overlay(&image, format, self.read_only)?
         } else {
-            vdisk_formats::open_with_secret(&image.path, opts, secret.as_ref())
-                .map_err(|e| image.could_not_open(describe(&e)))?
+            image.open_as(format, self.read_only, false)?
         };
         Ok(Opened {
             dev: Tuned::wrap(dev, policy)?,
@@ -191,20 +176,12 @@ impl ImageArgs {
 
 /// `-s`: a new qcow2 file in the temporary directory whose backing file is the image, opened and
 /// unlinked at once, so nothing is left behind however the process ends. The image itself is
-/// opened read-only (an encrypted one as the overlay's backing file cannot be unlocked).
-fn open_overlay(
-    image: &ImageRef,
-    opts: OpenOptions,
-    secret: Option<&Passphrase>,
-) -> Result<Arc<dyn BlockDev>> {
-    if secret.is_some() {
+/// only read (an encrypted one could not be unlocked as a backing file, so it is refused).
+fn open_overlay(image: &ImageRef, format: Format, read_only: bool) -> Result<Arc<dyn BlockDev>> {
+    if image.secret.is_some() {
         bail!("-s is not supported for encrypted images");
     }
     let base = std::path::absolute(&image.path)?;
-    let format = match opts.format {
-        Some(f) => f,
-        None => vdisk_formats::probe(&base).map_err(|e| image.could_not_open(describe(&e)))?,
-    };
     let dir = std::env::temp_dir();
     let overlay = (0..100)
         .map(|n| dir.join(format!("vdisk-snapshot-{}-{n}.qcow2", std::process::id())))
@@ -227,7 +204,8 @@ fn open_overlay(
             &overlay,
             OpenOptions {
                 format: Some(Format::Qcow2),
-                ..opts
+                read_only,
+                no_backing: false,
             },
         )
     })();
