@@ -39,7 +39,12 @@ pub struct ImageArgs {
     pub load_snapshot: Option<String>,
 
     /// Export the image from this byte offset on
-    #[arg(short = 'o', long = "offset", value_name = "OFFSET")]
+    #[arg(
+        short = 'o',
+        long = "offset",
+        value_name = "OFFSET",
+        allow_hyphen_values = true
+    )]
     pub offset: Option<String>,
 
     /// Same as --cache=none

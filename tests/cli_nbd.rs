@@ -777,3 +777,119 @@ fn kernel_attach_without_the_nbd_module_points_to_vdisk_mount() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("vdisk mount"), "{}", out.stderr);
 }
+
+/// Bytes qemu-img reports as data in the image.
+fn data_bytes(img: &Path) -> u64 {
+    let out = qemu_img(["map", "--output=json", img.to_str().unwrap()]).ok();
+    json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn offset_discard_and_detect_zeroes_policies_reach_the_image_as_in_qemu_nbd() {
+    if !have_all(&["qemu-img", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let dir = temp_dir();
+    let serve = |extra: &[&str], img: &Path, f: &dyn Fn(&str)| {
+        let sock = dir.path().join("policy.sock");
+        let mut args = vec!["-f", "qcow2", "-t", "-k", sock.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(img.to_str().unwrap());
+        let mut server = Server::vdisk_unix(&sock, &args);
+        f(&unix_uri(&sock, ""));
+        assert!(server.terminate().success());
+    };
+    let io = |uri: &str, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let out = run(c.arg(uri)).ok();
+        assert!(!out.stdout.contains("fail"), "{cmds:?}: {}", out.stdout);
+    };
+
+    // -o: the export starts 5 MiB into the image.
+    let img = sample_qcow2(dir.path());
+    serve(&["-o", "5242880"], &img, &|uri| {
+        assert_eq!(nbdinfo_json(uri)["exports"][0]["export-size"], 11 << 20);
+        io(uri, &["read -P 0x22 0 64k", "read -P 0x33 10M 1M"]);
+    });
+
+    // Trims are ignored by default (qemu-nbd's --discard=ignore) and release space with unmap.
+    let before = data_bytes(&img);
+    serve(&[], &img, &|uri| io(uri, &["discard 0 1M"]));
+    assert_eq!(data_bytes(&img), before);
+    serve(&["--discard=unmap"], &img, &|uri| {
+        io(uri, &["discard 0 1M"])
+    });
+    assert_eq!(data_bytes(&img), before - (1 << 20));
+
+    // --detect-zeroes=unmap turns a written zero buffer into a hole.
+    serve(
+        &["--discard=unmap", "--detect-zeroes=unmap"],
+        &img,
+        &|uri| io(uri, &["write -P 0 15M 1M", "read -P 0 15M 1M"]),
+    );
+    assert_eq!(data_bytes(&img), before - (2 << 20));
+    assert_qemu_check_clean(&img);
+
+    // Option mistakes get qemu-nbd's messages.
+    for (args, message) in [
+        (&["--cache=fast"][..], "Invalid cache mode `fast'"),
+        (&["--detect-zeroes=unmap"], "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"),
+        (&["-e", "-1"], "Invalid shared device number '-1'"),
+        (&["-B", "bm0"], "Bitmap 'bm0' is not found"),
+        (&["-l", "snap1"], "Failed to load snapshot"),
+    ] {
+        let mut full = vec!["serve", "-k", "/nonexistent/x.sock"];
+        full.extend_from_slice(args);
+        full.push(img.to_str().unwrap());
+        let out = vdisk(&full);
+        assert_eq!(out.code, Some(1), "{args:?}");
+        assert!(out.stderr.contains(message), "{args:?}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn handshake_limit_hangs_up_on_idle_clients() {
+    let dir = temp_dir();
+    let img = dir.path().join("h.raw");
+    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"]).ok();
+    let sock = dir.path().join("h.sock");
+    let _server = Server::vdisk_unix(
+        &sock,
+        &[
+            "--handshake-limit",
+            "1",
+            "-t",
+            "-f",
+            "raw",
+            "-k",
+            sock.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut client, &mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    // Say nothing more: the server hangs up after about a second.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut client, &mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}

@@ -55,7 +55,12 @@ pub struct Args {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerArgs {
     /// TCP port to listen on (default 10809)
-    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    #[arg(
+        short = 'p',
+        long = "port",
+        value_name = "PORT",
+        allow_hyphen_values = true
+    )]
     pub port: Option<String>,
 
     /// Address to listen on (vdisk serve: 127.0.0.1 by default; as qemu-nbd: 0.0.0.0)
@@ -68,7 +73,12 @@ pub struct ServerArgs {
 
     /// Serve at most NUM clients at once (default 1; 0 means no limit). With more than one,
     /// clients are told they may use several connections (multi-conn)
-    #[arg(short = 'e', long = "shared", value_name = "NUM")]
+    #[arg(
+        short = 'e',
+        long = "shared",
+        value_name = "NUM",
+        allow_hyphen_values = true
+    )]
     pub shared: Option<String>,
 
     /// Keep running after the last client disconnects
@@ -89,7 +99,7 @@ pub struct ServerArgs {
 
     /// Hang up on clients that take longer than N seconds to finish the handshake (default 10;
     /// 0 means no limit)
-    #[arg(long = "handshake-limit", value_name = "N")]
+    #[arg(long = "handshake-limit", value_name = "N", allow_hyphen_values = true)]
     pub handshake_limit: Option<String>,
 
     /// Offer the qemu:allocation-depth metadata context
