@@ -411,6 +411,21 @@ mod tests {
     }
 
     #[test]
+    fn encryption_takes_luks1_only() {
+        let opts = |version| CreateOptions {
+            size: Some(1 << 20),
+            encrypt: Some(LuksCreateOptions {
+                version,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(opts(crate::luks::LuksVersion::V1).validate().is_ok());
+        let err = opts(crate::luks::LuksVersion::V2).validate().unwrap_err();
+        assert!(err.to_string().contains("LUKS1"), "{err}");
+    }
+
+    #[test]
     fn small_clusters_get_enough_refcount_blocks() {
         let opts = CreateOptions {
             cluster_size: 512,

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 use crate::info::LuksInfo;
 use crate::luks::cipher::IV_UNIT;
-use crate::luks::{HeaderIo, LuksAmend, LuksCreateOptions, LuksVersion, LuksVolume, Passphrase};
+use crate::luks::{HeaderIo, LuksAmend, LuksCreateOptions, LuksVolume, Passphrase};
 
 /// Size of an encryption sector: the unit of the IVs and of read-modify-write.
 pub(super) const SECTOR: u64 = IV_UNIT as u64;
@@ -295,14 +295,9 @@ fn sector_pieces(
     Ok(())
 }
 
-/// Checks the encryption options of a new image; returns the size of its LUKS header.
+/// The size of the LUKS header of a new image whose options passed
+/// [`super::CreateOptions::validate`]; fails when the passphrase was not resolved.
 pub(super) fn check_create(opts: &LuksCreateOptions) -> Result<u64> {
-    opts.validate()?;
-    if opts.version != LuksVersion::V1 {
-        return Err(Error::argument(
-            "qcow2 encryption uses LUKS1 headers (as QEMU does)",
-        ));
-    }
     if opts.passphrase.is_none() {
         return Err(Error::argument(
             "Parameter 'encrypt.key-secret' is required for cipher",
