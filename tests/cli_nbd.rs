@@ -137,6 +137,13 @@ fn sample_qcow2(dir: &Path) -> PathBuf {
     img
 }
 
+/// An empty raw image `dir/name` of `size` (qemu-img's size syntax).
+fn raw_image(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let img = dir.join(name);
+    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), size]).ok();
+    img
+}
+
 fn raw_copy_of(img: &Path, dir: &Path) -> PathBuf {
     let raw = dir.join("reference.raw");
     qemu_img([
@@ -283,8 +290,7 @@ fn qemu_nbd_list_output_matches_between_the_two_servers_and_the_two_listers() {
         return;
     }
     let dir = temp_dir();
-    let img = dir.path().join("disk.raw");
-    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"]).ok();
+    let img = raw_image(dir.path(), "disk.raw", "8M");
     let ours = dir.path().join("ours.sock");
     let theirs = dir.path().join("theirs.sock");
     let common = [
@@ -457,8 +463,7 @@ fn fork_returns_once_serving_and_the_pid_file_names_the_server() {
         return;
     }
     let dir = temp_dir();
-    let img = dir.path().join("f.raw");
-    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "4M"]).ok();
+    let img = raw_image(dir.path(), "f.raw", "4M");
     let sock = dir.path().join("f.sock");
     let pid_file = dir.path().join("server.pid");
     let status = Command::new(VDISK)
@@ -513,8 +518,7 @@ fn without_persistent_the_server_exits_after_its_client() {
         return;
     }
     let dir = temp_dir();
-    let img = dir.path().join("p.raw");
-    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"]).ok();
+    let img = raw_image(dir.path(), "p.raw", "1M");
     let sock = dir.path().join("p.sock");
     let mut server = Server::vdisk_unix(
         &sock,
@@ -611,8 +615,7 @@ fn tls_export_with_certtool_certificates() {
     }
     let dir = temp_dir();
     let (server_dir, client_dir, ca_only) = make_certificates(dir.path());
-    let img = dir.path().join("t.raw");
-    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "2M"]).ok();
+    let img = raw_image(dir.path(), "t.raw", "2M");
     let info = |sock: &Path, certs: &Path| {
         run(Command::new("nbdinfo").arg("--json").arg(format!(
             "nbds+unix:///?socket={}&tls-certificates={}",
@@ -759,8 +762,7 @@ fn kernel_attach_without_the_nbd_module_points_to_vdisk_mount() {
         return;
     }
     let dir = temp_dir();
-    let img = dir.path().join("k.raw");
-    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"]).ok();
+    let img = raw_image(dir.path(), "k.raw", "1M");
     let out = vdisk(["connect", "/dev/nbd0", img.to_str().unwrap()]);
     assert_eq!(out.code, Some(1));
     assert!(
@@ -860,8 +862,7 @@ fn offset_discard_and_detect_zeroes_policies_reach_the_image_as_in_qemu_nbd() {
 #[test]
 fn handshake_limit_hangs_up_on_idle_clients() {
     let dir = temp_dir();
-    let img = dir.path().join("h.raw");
-    qemu_img(["create", "-q", "-f", "raw", img.to_str().unwrap(), "1M"]).ok();
+    let img = raw_image(dir.path(), "h.raw", "1M");
     let sock = dir.path().join("h.sock");
     let _server = Server::vdisk_unix(
         &sock,
