@@ -71,6 +71,58 @@ impl fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// A suggestion for fixing what an error message reports, shown under vdisk's own name (as
+/// `qemu-img` it prints exactly what qemu-img prints).
+pub fn hint(message: &str) -> Option<&'static str> {
+    const HINTS: &[(&str, &str)] = &[
+        (
+            "requires explicit backing format",
+            "name the backing file's format with -F FMT (e.g. -F qcow2; `vdisk info FILE` shows it)",
+        ),
+        (
+            "Backing file specified without backing format",
+            "name the backing file's format with -F FMT (the detected one is shown above)",
+        ),
+        (
+            "Image is not in qcow2 format",
+            "leave out -f to let vdisk detect the format, or check it with `vdisk info FILE`",
+        ),
+        (
+            "Compression not supported for this file format",
+            "compressed clusters need a qcow2 target: add -O qcow2",
+        ),
+        (
+            "does not support checks",
+            "only qcow2 images have metadata to check; `vdisk compare` checks contents",
+        ),
+        (
+            "needs a passphrase",
+            "give it with --object secret,id=s0,data=PASSPHRASE and \
+             --image-opts driver=luks,key-secret=s0,file.filename=FILE",
+        ),
+        (
+            "Invalid password",
+            "the secret named by key-secret does not open any key slot of the image",
+        ),
+        (
+            "Image creation needs a size parameter",
+            "give the size after the file name (e.g. 10G), or -b BACKING to take its size",
+        ),
+        (
+            "output file is smaller than input file",
+            "grow the target first (`vdisk resize TARGET SIZE`) or drop -n to create it",
+        ),
+        (
+            "Must specify options (-o)",
+            "e.g. -o compat=1.1 or -o lazy_refcounts=on; `vdisk amend -o help FILE` lists them",
+        ),
+    ];
+    HINTS
+        .iter()
+        .find(|(needle, _)| message.contains(needle))
+        .map(|(_, hint)| *hint)
+}
+
 /// The message of a block-layer error without its leading file name; an OS error comes out as
 /// `WHAT 'FILE': strerror`, as QEMU phrases them (`Could not open 'x': No such file or directory`).
 pub fn describe(err: &Error) -> String {

@@ -121,10 +121,20 @@ fn main() -> ExitCode {
             if let Some(exit) = e.downcast_ref::<errors::Exit>() {
                 if let Some(message) = &exit.message {
                     eprintln!("{prog}: {message}");
+                    if prog::personality() == prog::Personality::Vdisk {
+                        if let Some(hint) = errors::hint(message) {
+                            eprintln!("hint: {hint}");
+                        }
+                    }
                 }
                 return ExitCode::from(exit.code);
             }
             eprintln!("{prog}: {e:#}");
+            if prog::personality() == prog::Personality::Vdisk {
+                if let Some(hint) = errors::hint(&format!("{e:#}")) {
+                    eprintln!("hint: {hint}");
+                }
+            }
             if let Some(usage) = e.downcast_ref::<errors::UsageError>() {
                 eprintln!("Try '{prog} {} --help' for more info", usage.command);
             }

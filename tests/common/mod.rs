@@ -25,9 +25,15 @@ impl Outcome {
     }
 
     /// The stderr text with the program's `vdisk:`/`qemu-img:` prefix and `Try 'vdisk ...'`
-    /// hint normalised, so the two tools' messages can be compared.
+    /// hint normalised, and without the `hint: ...` lines vdisk adds under its own name, so the
+    /// two tools' messages can be compared.
     pub fn stderr_normalised(&self) -> String {
-        self.stderr
+        let without_hints: String = self
+            .stderr
+            .split_inclusive('\n')
+            .filter(|l| !l.starts_with("hint: "))
+            .collect();
+        without_hints
             .replace("qemu-img: ", "PROG: ")
             .replace("vdisk: ", "PROG: ")
             .replace("'qemu-img ", "'PROG ")
