@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use vdisk_formats::{BlockDev, CreateOptions, Format, OpenOptions};
 
 use crate::errors::describe;
-use crate::image_args::ImageRef;
+use crate::image_args::{ImageRef, SnapshotCopy};
 use crate::numbers::parse_u64;
 use crate::objects::Objects;
 use crate::tuned::{DetectZeroes, Flushing, Policy, Tuned};
@@ -34,7 +34,8 @@ pub struct ImageArgs {
     #[arg(short = 's', long = "snapshot")]
     pub snapshot: bool,
 
-    /// Export an internal snapshot of FILE read-only (not supported yet: refused)
+    /// Export an internal snapshot of FILE read-only: snapshot.id=ID, snapshot.name=NAME, or an
+    /// id or name (vdisk reads it from a temporary reverted copy of the image)
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
     pub load_snapshot: Option<String>,
 
@@ -157,24 +158,30 @@ impl ImageArgs {
     /// (`--image-opts ...,key-secret=ID`).
     pub fn open(&self, file: &str, objects: &Objects) -> Result<Opened> {
         let policy = self.policy()?;
-        if let Some(sn) = &self.load_snapshot {
-            bail!(
-                "Failed to load snapshot: exporting the internal snapshot '{sn}' is not supported \
-                 by vdisk yet"
-            );
-        }
         let image =
             ImageRef::parse(file, self.format.as_deref(), self.image_opts)?.with_secret(objects)?;
-        let format = image.format_or_probe(self.read_only)?;
-        let dev = if self.snapshot {
-            open_overlay(&image, format, self.read_only)?
+        // -l exports the snapshot read-only, as qemu-nbd does.
+        let read_only = self.read_only || self.load_snapshot.is_some();
+        let dev = if let Some(spec) = &self.load_snapshot {
+            if self.snapshot {
+                bail!("-s and -l cannot be used together");
+            }
+            // A reverted copy of the image, unlinked as soon as it is open: nothing is left
+            // behind however the process ends.
+            let copy = SnapshotCopy::new(&image, spec)?;
+            copy.image.open(true, false)?
         } else {
-            image.open_as(format, self.read_only, false)?
+            let format = image.format_or_probe(read_only)?;
+            if self.snapshot {
+                open_overlay(&image, format, read_only)?
+            } else {
+                image.open_as(format, read_only, false)?
+            }
         };
         Ok(Opened {
             dev: Tuned::wrap(dev, policy)?,
             path: image.path,
-            read_only: self.read_only,
+            read_only,
         })
     }
 }

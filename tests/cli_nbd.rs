@@ -894,3 +894,59 @@ fn handshake_limit_hangs_up_on_idle_clients() {
         "{waited:?}"
     );
 }
+
+#[test]
+fn load_snapshot_exports_an_internal_snapshot_read_only() {
+    if !have_all(&["qemu-img", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let dir = temp_dir();
+    let img = sample_qcow2(dir.path());
+    qemu_img(["snapshot", "-c", "before", img.to_str().unwrap()]).ok();
+    qemu_io("qcow2", &img, &["write -P 0x99 0 1M"]);
+    let image_bytes = std::fs::read(&img).unwrap();
+    let files = || std::fs::read_dir(dir.path()).unwrap().count();
+    let count = files();
+    for spec in ["before", "snapshot.name=before", "snapshot.id=1"] {
+        let sock = dir.path().join("l.sock");
+        let mut server = Server::vdisk_unix(
+            &sock,
+            &[
+                "-l",
+                spec,
+                "-t",
+                "-k",
+                sock.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ],
+        );
+        let uri = unix_uri(&sock, "");
+        assert_eq!(nbdinfo_json(&uri)["exports"][0]["is_read_only"], true);
+        let io =
+            run(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &uri]))
+                .ok();
+        assert!(!io.stdout.contains("fail"), "{spec}: {}", io.stdout);
+        // The temporary copy is gone already.
+        assert_eq!(files(), count + 1, "{spec}: only the socket is new");
+        assert!(server.terminate().success());
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == image_bytes,
+        "the image changed"
+    );
+    let out = vdisk([
+        "serve",
+        "-l",
+        "nosuch",
+        "-k",
+        "/nonexistent/x.sock",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("Failed to load snapshot: Can't find snapshot"),
+        "{}",
+        out.stderr
+    );
+}
