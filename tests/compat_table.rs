@@ -11,6 +11,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use common::Outcome;
 use serde_json::Value;
@@ -407,56 +409,20 @@ fn vdisk_and_its_qemu_img_link_behave_like_qemu_img() {
     let vdisk = PathBuf::from(env!("CARGO_BIN_EXE_vdisk"));
     assert!(CASES.len() >= 60, "{} cases", CASES.len());
 
-    let mut failures = Vec::new();
-    for case in CASES {
-        let theirs = run_case(Path::new("qemu-img"), case, fixture.path());
-        for (label, program) in [("vdisk", &vdisk), ("qemu-img link", &link)] {
-            let ours = run_case(program, case, fixture.path());
-            let mut why = Vec::new();
-            if ours.outcome.code != theirs.outcome.code {
-                why.push(format!(
-                    "exit status {:?}, qemu-img {:?}",
-                    ours.outcome.code, theirs.outcome.code
-                ));
-            }
-            if !same_stdout(case.stdout, &ours.outcome.stdout, &theirs.outcome.stdout) {
-                why.push(format!(
-                    "stdout:\n{}\nqemu-img:\n{}",
-                    ours.outcome.stdout, theirs.outcome.stdout
-                ));
-            }
-            // The drop-in must word its messages as qemu-img does.
-            if label == "qemu-img link"
-                && ours.outcome.stderr_normalised() != theirs.outcome.stderr_normalised()
-            {
-                why.push(format!(
-                    "stderr:\n{}qemu-img:\n{}",
-                    ours.outcome.stderr, theirs.outcome.stderr
-                ));
-            }
-            for name in case.outputs {
-                let (a, b) = (theirs.dir.path().join(name), ours.dir.path().join(name));
-                match (a.exists(), b.exists()) {
-                    (true, true) => {
-                        if let Err(e) = same_image(&a, &b) {
-                            why.push(format!("{name}: {e}"));
-                        }
-                    }
-                    (x, y) if x != y => why.push(format!("{name}: exists {y}, qemu-img {x}")),
-                    _ => {}
+    // Cases run on a few threads: most of the time goes to starting processes.
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                while let Some(case) = CASES.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let found = differences(case, fixture.path(), &vdisk, &link);
+                    failures.lock().unwrap().extend(found);
                 }
-            }
-            if ours.post != theirs.post {
-                why.push(format!(
-                    "after {:?}:\n{:?}\nqemu-img:\n{:?}",
-                    case.post, ours.post, theirs.post
-                ));
-            }
-            if !why.is_empty() {
-                failures.push(format!("{label} {:?}: {}", case.args, why.join("; ")));
-            }
+            });
         }
-    }
+    });
+    let failures = failures.into_inner().unwrap();
     assert!(
         failures.is_empty(),
         "{} of {} runs differ from qemu-img:\n{}",
@@ -464,4 +430,57 @@ fn vdisk_and_its_qemu_img_link_behave_like_qemu_img() {
         CASES.len() * 2,
         failures.join("\n\n")
     );
+}
+
+/// What the vdisk and link runs of `case` do differently from qemu-img's run.
+fn differences(case: &Case, fixture: &Path, vdisk: &Path, link: &Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    let theirs = run_case(Path::new("qemu-img"), case, fixture);
+    for (label, program) in [("vdisk", vdisk), ("qemu-img link", link)] {
+        let ours = run_case(program, case, fixture);
+        let mut why = Vec::new();
+        if ours.outcome.code != theirs.outcome.code {
+            why.push(format!(
+                "exit status {:?}, qemu-img {:?}",
+                ours.outcome.code, theirs.outcome.code
+            ));
+        }
+        if !same_stdout(case.stdout, &ours.outcome.stdout, &theirs.outcome.stdout) {
+            why.push(format!(
+                "stdout:\n{}\nqemu-img:\n{}",
+                ours.outcome.stdout, theirs.outcome.stdout
+            ));
+        }
+        // The drop-in must word its messages as qemu-img does.
+        if label == "qemu-img link"
+            && ours.outcome.stderr_normalised() != theirs.outcome.stderr_normalised()
+        {
+            why.push(format!(
+                "stderr:\n{}qemu-img:\n{}",
+                ours.outcome.stderr, theirs.outcome.stderr
+            ));
+        }
+        for name in case.outputs {
+            let (a, b) = (theirs.dir.path().join(name), ours.dir.path().join(name));
+            match (a.exists(), b.exists()) {
+                (true, true) => {
+                    if let Err(e) = same_image(&a, &b) {
+                        why.push(format!("{name}: {e}"));
+                    }
+                }
+                (x, y) if x != y => why.push(format!("{name}: exists {y}, qemu-img {x}")),
+                _ => {}
+            }
+        }
+        if ours.post != theirs.post {
+            why.push(format!(
+                "after {:?}:\n{:?}\nqemu-img:\n{:?}",
+                case.post, ours.post, theirs.post
+            ));
+        }
+        if !why.is_empty() {
+            failures.push(format!("{label} {:?}: {}", case.args, why.join("; ")));
+        }
+    }
+    failures
 }
