@@ -44,6 +44,8 @@ pub struct ConvertOptions<'a> {
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
     /// Called with warnings (salvaged read errors).
     pub warn: Option<&'a (dyn Fn(&str) + Sync)>,
+    /// Flush the target at the end. qemu-img's default target cache mode (`unsafe`) does not.
+    pub flush: bool,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -58,6 +60,7 @@ impl Default for ConvertOptions<'_> {
             salvage: false,
             progress: None,
             warn: None,
+            flush: true,
         }
     }
 }
@@ -202,7 +205,10 @@ pub fn convert(
         result?;
         planned
     })?;
-    target.flush()
+    if opts.flush {
+        target.flush()?;
+    }
+    Ok(())
 }
 
 /// Walks the sources and sends one job per chunk.

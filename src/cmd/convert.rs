@@ -260,6 +260,8 @@ pub fn run(args: Args) -> Result<()> {
         salvage: args.salvage,
         progress: Some(&report),
         warn: Some(&warn),
+        // qemu-img convert's target cache mode defaults to `unsafe`: no flush at the end.
+        flush: !matches!(args.target_cache.as_deref(), None | Some("unsafe")),
     };
     let result = convert(&sources, &target, &opts);
     progress.finish(result.is_ok());
