@@ -178,8 +178,28 @@ const CASES: &[Case] = &[
     Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], prep: &[LUKS_FROM_RAW], ..C },
     Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], prep: &[LUKS_FROM_RAW], stdout: Out::Json, ..C },
     Case { args: &["compare", "--object", "secret,id=s0,data=wrong", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], prep: &[LUKS_FROM_RAW], ..C },
+    // --- progress output, and more options ---------------------------------------------------------
+    Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
+    Case { args: &["commit", "-p", "top.qcow2"], outputs: &["base.qcow2"], ..C },
+    Case { args: &["rebase", "-p", "-b", "newbase.qcow2", "-F", "qcow2", "top.qcow2"], outputs: &["top.qcow2"], ..C },
+    Case { args: &["info", "--output=json", "--backing-chain", "top.qcow2"], stdout: Out::Json, ..C },
+    Case { args: &["convert", "-O", "qcow2", "-o", "preallocation=metadata", "q.qcow2", "out.qcow2"], outputs: &["out.qcow2"], post: &[&["check", "out.qcow2"]], ..C },
+    Case { args: &["convert", "-q", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "top.qcow2", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "--salvage", "-O", "raw", "q.qcow2", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["resize", "--preallocation=falloc", "-f", "raw", "raw.img", "12M"], outputs: &["raw.img"], ..C },
+    Case { args: &["resize", "--preallocation=full", "q.qcow2", "4M"], ..C },
+    Case { args: &["map", "--output=json", "--max-length", "1M", "raw.img"], stdout: Out::Json, ..C },
+    Case { args: &["map", "--output=json", "--start-offset", "2G", "raw.img"], stdout: Out::Json, ..C },
+    Case { args: &["measure", "-O", "qcow2", "--size", "100P"], ..C },
+    Case { args: &["dd", "if=raw.img", "of=out.raw", "count=0"], outputs: &["out.raw"], ..C },
+    Case { args: &["check", "-q", "q.qcow2"], ..C },
+    Case { args: &["snapshot", "-c", "s1", "raw.img"], ..C },
+    Case { args: &["amend", "-o", "compat=0.10", "base.qcow2"], outputs: &["base.qcow2"], post: &[&["info", "base.qcow2"]], ..C },
+    Case { args: &["info", "--output"], ..C },
+    Case { args: &["convert", "--foo", "raw.img", "out"], ..C },
     // --- the top level -----------------------------------------------------------------------------------
     Case { args: &["foo"], ..C },
+    Case { args: &[], ..C },
 ];
 
 const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
