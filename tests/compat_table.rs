@@ -194,6 +194,8 @@ const CASES: &[Case] = &[
     Case { args: &["dd", "if=raw.img", "of=out.raw", "count=0"], outputs: &["out.raw"], ..C },
     Case { args: &["check", "-q", "q.qcow2"], ..C },
     Case { args: &["snapshot", "-c", "s1", "raw.img"], ..C },
+    Case { args: &["amend", "-o", "compat=0.10", "q.qcow2"], outputs: &["q.qcow2"], post: &[&["info", "q.qcow2"], &["map", "--output=json", "q.qcow2"], &["check", "q.qcow2"]], ..C },
+    Case { args: &["amend", "-o", "compat=0.10", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["info", "top.qcow2"], &["check", "top.qcow2"]], ..C },
     Case { args: &["amend", "-o", "compat=0.10", "base.qcow2"], outputs: &["base.qcow2"], post: &[&["info", "base.qcow2"]], ..C },
     Case { args: &["info", "--output"], ..C },
     Case { args: &["convert", "--foo", "raw.img", "out"], ..C },
