@@ -99,7 +99,7 @@ measure() {
 }
 
 echo
-printf '%-34s %9s %9s %6s %11s %11s %10s %10s\n' "convert" "qemu-img" "vdisk" "ratio" \
+printf '%-40s %9s %9s %6s %11s %11s %10s %10s\n' "convert" "qemu-img" "vdisk" "ratio" \
   "qemu out" "vdisk out" "qemu RSS" "vdisk RSS"
 # convert_row NAME INPUT ARGS...: times `convert ARGS INPUT OUT` with both tools.
 convert_row() {
@@ -113,7 +113,7 @@ convert_row() {
   qemu-img compare -q "$work/q.out" "$work/v.out" || echo "  !! outputs differ for: $name" >&2
   local qs vs
   qs=$(du -k "$work/q.out" | cut -f1) vs=$(du -k "$work/v.out" | cut -f1)
-  printf '%-34s %8ss %8ss %6s %8s MiB %8s MiB %7s MiB %7s MiB\n' "$name" "$qt" "$vt" \
+  printf '%-40s %8ss %8ss %6s %8s MiB %8s MiB %7s MiB %7s MiB\n' "$name" "$qt" "$vt" \
     "$(awk -v q="$qt" -v v="$vt" 'BEGIN { printf "%.2f", (q > 0 ? v / q : 0) }')" \
     $(( qs / 1024 )) $(( vs / 1024 )) $(( qm / 1024 )) $(( vm / 1024 ))
 }
