@@ -198,6 +198,9 @@ const CASES: &[Case] = &[
     Case { args: &["amend", "-o", "compat=0.10", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["info", "top.qcow2"], &["check", "top.qcow2"]], ..C },
     Case { args: &["amend", "-o", "compat=0.10", "base.qcow2"], outputs: &["base.qcow2"], post: &[&["info", "base.qcow2"]], ..C },
     Case { args: &["info", "--output"], ..C },
+    Case { args: &["convert", "--bitmaps", "-O", "qcow2", "q.qcow2", "out.qcow2"], outputs: &["out.qcow2"], ..C },
+    Case { args: &["convert", "--bitmaps", "-O", "raw", "q.qcow2", "out.raw"], ..C },
+    Case { args: &["convert", "--bitmaps", "-O", "qcow2", "raw.img", "out.qcow2"], ..C },
     Case { args: &["convert", "--foo", "raw.img", "out"], ..C },
     // --- the top level -----------------------------------------------------------------------------------
     Case { args: &["foo"], ..C },

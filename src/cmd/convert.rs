@@ -5,6 +5,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use vdisk_formats::convert::{convert, ConvertOptions};
 use vdisk_formats::image::create_options_help;
+use vdisk_formats::qcow2::header::ext;
+use vdisk_formats::qcow2::Qcow2;
 use vdisk_formats::{BlockDev, CreateOptions, Format};
 
 use crate::errors::describe;
@@ -117,7 +119,7 @@ pub struct Args {
     #[arg(long = "salvage")]
     salvage: bool,
 
-    /// Copy persistent dirty bitmaps (not supported: vdisk images carry none)
+    /// Copy persistent dirty bitmaps (qcow2 v3 to qcow2 v3; sources with bitmaps are refused)
     #[arg(long = "bitmaps")]
     bitmaps: bool,
 
@@ -195,9 +197,6 @@ pub fn run(args: Args) -> Result<()> {
     if args.backing.is_some() && args.backing_format.is_none() {
         bail!("Use of backing file requires explicit backing format");
     }
-    if args.bitmaps {
-        bail!("Source lacks bitmap support");
-    }
 
     let objects = Objects::parse(&args.object)?;
     let (target_name, source_names) = args.files.split_last().expect("two names or more");
@@ -217,6 +216,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
+    if args.bitmaps {
+        check_bitmaps(&args, source_names, target_format, &list.pairs)?;
+    }
 
     let target = if args.no_create {
         let image = if args.target_image_opts {
@@ -323,4 +325,36 @@ fn create_target(
     let mut image = ImageRef::file(name, Some(format.name()));
     image.secret = secret;
     image.open(false, false)
+}
+
+/// `--bitmaps`: both images must be able to hold persistent bitmaps (qcow2 version 3). vdisk
+/// cannot copy bitmaps yet, so a source that has some is refused rather than copied without them.
+fn check_bitmaps(
+    args: &Args,
+    sources: &[String],
+    target: Format,
+    pairs: &[(String, String)],
+) -> Result<()> {
+    let v2 = pairs
+        .iter()
+        .any(|(k, v)| k == "compat" && (v == "0.10" || v == "v2"));
+    if target != Format::Qcow2 || v2 {
+        bail!("Format driver '{target}' does not support bitmaps");
+    }
+    for name in sources {
+        let image = ImageRef::parse(name, args.source_format.as_deref(), args.image_opts)?;
+        if image.format_or_probe(true)? != Format::Qcow2 {
+            bail!("Source lacks bitmap support");
+        }
+        let header = Qcow2::open(&image.path, true)
+            .map_err(|e| image.could_not_open(describe(&e)))?
+            .header();
+        if header.version < 3 {
+            bail!("Source lacks bitmap support");
+        }
+        if header.extension(ext::BITMAPS).is_some() {
+            bail!("copying persistent bitmaps is not supported yet");
+        }
+    }
+    Ok(())
 }
