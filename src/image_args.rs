@@ -25,6 +25,9 @@ pub struct ImageRef {
     pub key_secret: Option<String>,
     /// That secret, once looked up ([`ImageRef::with_secret`]).
     pub secret: Option<Passphrase>,
+    /// The `json:{...}` name QEMU gives an image opened with options beyond its driver and file
+    /// (here: a key secret), shown by `info` in place of the file name.
+    pub json_name: Option<String>,
 }
 
 impl ImageRef {
@@ -36,6 +39,7 @@ impl ImageRef {
             format: format.map(str::to_string),
             key_secret: None,
             secret: None,
+            json_name: None,
         }
     }
 
@@ -61,15 +65,24 @@ impl ImageRef {
             format: None,
             key_secret: None,
             secret: None,
+            json_name: None,
         };
         let mut file = None;
         let mut unknown = None;
+        let mut secret_key = "";
         for (key, value) in &list.pairs {
             match key.as_str() {
                 "driver" => image.format = Some(value.clone()),
                 "file.filename" | "file" => file = Some(value.clone()),
                 "file.driver" if value == "file" => {}
-                "key-secret" | "encrypt.key-secret" => image.key_secret = Some(value.clone()),
+                "key-secret" | "encrypt.key-secret" => {
+                    secret_key = if key == "key-secret" {
+                        "key-secret"
+                    } else {
+                        "encrypt.key-secret"
+                    };
+                    image.key_secret = Some(value.clone());
+                }
                 "filename" if image.format.is_none() => {
                     return Err(could_not_open("Must specify either driver or file".into()))
                 }
@@ -86,6 +99,24 @@ impl ImageRef {
             return Err(could_not_open(format!(
                 "Block format '{driver}' does not support the option '{key}'"
             )));
+        }
+        if let (Some(id), Some(driver)) = (&image.key_secret, &image.format) {
+            let q = |t: &str| serde_json::Value::from(t).to_string();
+            let file_node = format!("{{\"driver\": \"file\", \"filename\": {}}}", q(&file));
+            // The member order of QEMU's hash table for these keys.
+            image.json_name = Some(if secret_key == "key-secret" {
+                format!(
+                    "json:{{\"driver\": {}, \"file\": {file_node}, \"key-secret\": {}}}",
+                    q(driver),
+                    q(id)
+                )
+            } else {
+                format!(
+                    "json:{{\"encrypt.key-secret\": {}, \"driver\": {}, \"file\": {file_node}}}",
+                    q(id),
+                    q(driver)
+                )
+            });
         }
         image.path = PathBuf::from(file);
         Ok(image)

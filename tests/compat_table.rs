@@ -174,10 +174,13 @@ const CASES: &[Case] = &[
     // --- LUKS, with secrets from --object ----------------------------------------------------------
     Case { args: &["create", "-f", "luks", "--object", "secret,id=s0,data=pw", "-o", "key-secret=s0,iter-time=10", "l.luks", "4M"], ..C },
     Case { args: &["create", "-f", "luks", "-o", "key-secret=s0", "l.luks", "4M"], ..C },
-    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "out.raw"], prep: &[LUKS_FROM_RAW], outputs: &["out.raw"], ..C },
-    Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], prep: &[LUKS_FROM_RAW], ..C },
-    Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], prep: &[LUKS_FROM_RAW], stdout: Out::Json, ..C },
-    Case { args: &["compare", "--object", "secret,id=s0,data=wrong", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], prep: &[LUKS_FROM_RAW], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], ..C },
+    Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], stdout: Out::Json, ..C },
+    Case { args: &["info", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], ..C },
+    Case { args: &["info", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], stdout: Out::Json, ..C },
+    Case { args: &["info", "--image-opts", "driver=qcow2,file.filename=q.qcow2"], ..C },
+    Case { args: &["compare", "--object", "secret,id=s0,data=wrong", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], ..C },
     // --- progress output, and more options ---------------------------------------------------------
     Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
     Case { args: &["commit", "-p", "top.qcow2"], outputs: &["base.qcow2"], ..C },
@@ -263,6 +266,8 @@ fn make_fixture(dir: &Path) {
         qemu(dir, &args);
         common::qemu_io(format, &dir.join(file), writes);
     }
+    // l.luks holds raw.img, encrypted with the passphrase `pw` (secret s0).
+    qemu(dir, LUKS_FROM_RAW);
     // snap.qcow2 holds snapshot s1 of its first contents, then newer data.
     qemu(dir, &["snapshot", "-c", "s1", "snap.qcow2"]);
     common::qemu_io("qcow2", &dir.join("snap.qcow2"), &["write -P 2 0 128k"]);

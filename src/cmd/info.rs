@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 use vdisk_formats::{Format, FormatSpecific, NodeInfo, OpenOptions};
 
 use crate::errors::{describe, UsageError};
+use crate::image_args::ImageOpts;
 use crate::output::{human_size, qemu_json};
 
 /// Display information about an image.
@@ -24,9 +25,8 @@ use crate::output::{human_size, qemu_json};
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Format of the image (raw, qcow2); probed when not given
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
-    format: Option<String>,
+    #[command(flatten)]
+    image: ImageOpts,
 
     /// Output format: human (the default) or json
     #[arg(long = "output", value_name = "human|json")]
@@ -36,21 +36,9 @@ pub struct Args {
     #[arg(short = 'b', long = "backing-chain")]
     backing_chain: bool,
 
-    /// Open the image in shared mode (accepted; vdisk takes no image locks)
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-
-    /// FILENAME is an option string (not supported yet)
-    #[arg(long = "image-opts")]
-    image_opts: bool,
-
-    /// A QEMU user-creatable object such as a secret (not supported yet)
-    #[arg(long = "object", value_name = "OBJDEF")]
-    object: Vec<String>,
-
     /// The image to describe
     #[arg(value_name = "FILENAME")]
-    filename: Option<PathBuf>,
+    filename: Option<String>,
 
     /// More file names, refused with qemu-img's message
     #[arg(hide = true, allow_hyphen_values = true)]
@@ -77,17 +65,18 @@ pub fn run(args: Args) -> Result<()> {
     let (Some(file), true) = (args.filename.clone(), args.extra.is_empty()) else {
         return Err(UsageError::error("info", "Expecting one image file name"));
     };
-    if args.image_opts {
-        bail!("--image-opts is not supported yet");
+    let image = args.image.image(&file)?;
+    let mut top = image
+        .open_as(image.format_or_probe(true)?, true, true)?
+        .info()
+        .map_err(|e| anyhow!(describe(&e)))?;
+    if let Some(name) = &image.json_name {
+        top.filename = name.clone();
     }
-    if !args.object.is_empty() {
-        bail!("--object is not supported yet");
-    }
-    let format = args.format.as_deref();
     let nodes = if args.backing_chain {
-        chain_info(&file, format)?
+        chain_info(&image.path, top)?
     } else {
-        vec![node_info(&file, format)?]
+        vec![top]
     };
     match output {
         Output::Human => {
@@ -122,8 +111,8 @@ fn node_info(file: &Path, format: Option<&str>) -> Result<NodeInfo> {
 
 /// The image and every image below it, top first; each backing file is opened by the name and
 /// format its overlay records.
-fn chain_info(file: &Path, format: Option<&str>) -> Result<Vec<NodeInfo>> {
-    let mut nodes = vec![node_info(file, format)?];
+fn chain_info(file: &Path, top: NodeInfo) -> Result<Vec<NodeInfo>> {
+    let mut nodes = vec![top];
     let mut seen = HashSet::new();
     seen.insert(std::fs::canonicalize(file)?);
     while let Some(backing) = nodes.last().and_then(|n| n.backing.clone()) {
@@ -221,6 +210,14 @@ fn dump_children(out: &mut String, info: &NodeInfo, parent: &str, depth: usize) 
 /// `Format specific information:` with one `key: value` line per field (nothing for a plain
 /// file, whose details are empty).
 fn dump_specific(out: &mut String, info: &NodeInfo, depth: usize) {
+    if let Some(FormatSpecific::Luks(l)) = &info.format_specific {
+        out.push_str(&format!(
+            "{}Format specific information:\n",
+            "    ".repeat(depth)
+        ));
+        dump_value(out, &luks_json(l), depth + 1);
+        return;
+    }
     let Some(FormatSpecific::Qcow2(q)) = &info.format_specific else {
         return;
     };
@@ -242,6 +239,35 @@ fn dump_specific(out: &mut String, info: &NodeInfo, depth: usize) {
     }
     if let Some(e) = q.extended_l2 {
         field("extended l2", e.to_string());
+    }
+}
+
+/// A format-specific object in qemu's human layout: `key name: value` lines (dashes in keys
+/// become spaces), nested objects and lists indented below their key, list items as `[N]:`.
+fn dump_value(out: &mut String, value: &Value, depth: usize) {
+    let pad = "    ".repeat(depth);
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(_) | Value::Array(_) => None,
+        other => Some(other.to_string()),
+    };
+    let entries: Vec<(String, &Value)> = match value {
+        Value::Object(m) => m.iter().map(|(k, v)| (k.replace('-', " "), v)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("[{i}]"), v))
+            .collect(),
+        _ => return,
+    };
+    for (key, v) in entries {
+        match scalar(v) {
+            Some(text) => out.push_str(&format!("{pad}{key}: {text}\n")),
+            None => {
+                out.push_str(&format!("{pad}{key}:\n"));
+                dump_value(out, v, depth + 1);
+            }
+        }
     }
 }
 
