@@ -41,7 +41,10 @@ impl HostFile {
         if !(kind.is_file() || kind.is_block_device()) {
             return Err(Error::invalid(
                 path,
-                format!("'file' driver requires '{}' to be a regular file", path.display()),
+                format!(
+                    "'file' driver requires '{}' to be a regular file",
+                    path.display()
+                ),
             ));
         }
         Ok(HostFile {
