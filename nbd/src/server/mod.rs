@@ -50,9 +50,8 @@ struct Settings {
 /// An NBD server for one or more exports.
 ///
 /// ```no_run
-/// # use std::sync::Arc;
-/// # fn main() -> std::io::Result<()> {
-/// # let dev: Arc<dyn vdisk_formats::BlockDev> = unimplemented!();
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = vdisk_formats::open("disk.qcow2".as_ref(), Default::default())?;
 /// use vdisk_nbd::{Export, Server};
 /// let server = Server::new(vec![Export::new("", dev)]);
 /// let listener = std::os::unix::net::UnixListener::bind("/tmp/nbd.sock")?;
