@@ -218,6 +218,7 @@ fn open_overlay(image: &ImageRef, format: Format, read_only: bool) -> Result<Arc
                 format: Some(Format::Qcow2),
                 read_only,
                 no_backing: false,
+                backing_policy: crate::backing_policy::get(),
             },
         )
     })();

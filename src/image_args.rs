@@ -148,6 +148,7 @@ impl ImageRef {
             format: Some(format),
             read_only,
             no_backing,
+            backing_policy: crate::backing_policy::get(),
         };
         vdisk_formats::open_with_secret(&self.path, opts, self.secret.as_ref()).map_err(|e| {
             // Some messages name the file themselves; the phrase around them names it already.
@@ -232,6 +233,7 @@ pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
             format: parsed,
             read_only: true,
             no_backing: true,
+            backing_policy: crate::backing_policy::get(),
         };
         // Only the top image can be encrypted with the secret given for it.
         let secret = if layers.is_empty() {
@@ -242,6 +244,11 @@ pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
         let dev = vdisk_formats::open_with_secret(&path, opts, secret)
             .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), describe(&e)))?;
         let info = dev.info().map_err(|e| anyhow!(describe(&e)))?;
+        if let Some(b) = &info.backing {
+            crate::backing_policy::get()
+                .check_backing(&path, &b.filename, b.format.as_deref())
+                .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), describe(&e)))?;
+        }
         next = info
             .backing
             .as_ref()
@@ -276,6 +283,7 @@ impl HostFiles {
                 format: Some(Format::Raw),
                 read_only: true,
                 no_backing: true,
+                backing_policy: crate::backing_policy::get(),
             };
             let dev =
                 vdisk_formats::open(&self.paths[d], opts).map_err(|e| anyhow!(describe(&e)))?;

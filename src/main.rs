@@ -5,6 +5,7 @@
 //! (commands with other statuses, like `compare` and `check`, return an [`errors::Exit`]).
 //! Run as `qemu-img` (a link to this binary), it answers as qemu-img (see `prog.rs`).
 
+mod backing_policy;
 mod cmd;
 mod daemon;
 mod errors;
@@ -31,6 +32,17 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    /// Which backing files and external data files named inside an image vdisk may open:
+    /// follow (all, as qemu-img), require-format (only backing files whose format the image
+    /// records) or refuse (none); default $VDISK_BACKING_POLICY, else follow
+    #[arg(
+        long,
+        global = true,
+        value_name = "POLICY",
+        value_parser = ["follow", "require-format", "refuse"]
+    )]
+    backing_policy: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -65,11 +77,19 @@ fn main() -> ExitCode {
     let personality = prog::personality_of(argv0);
     prog::set(personality);
     if personality == prog::Personality::QemuNbd {
+        if let Err(e) = backing_policy::init(None) {
+            eprintln!("{}: {e:#}", prog::name());
+            return ExitCode::from(1);
+        }
         return cmd::qemu_nbd::main();
     }
     let mut command = Cli::command();
     if personality == prog::Personality::QemuImg {
-        command = command.name("qemu-img").bin_name("qemu-img");
+        // qemu-img has no such option: scripts set VDISK_BACKING_POLICY instead.
+        command = command
+            .name("qemu-img")
+            .bin_name("qemu-img")
+            .mut_arg("backing_policy", |a| a.hide(true));
         if let Some(code) = qemu_img::top_level(&args, &command) {
             return code;
         }
@@ -92,6 +112,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Err(e) = backing_policy::init(cli.backing_policy.as_deref()) {
+        eprintln!("{}: {e:#}", prog::name());
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Create(args) => cmd::create::run(args),
         Command::Info(args) => cmd::info::run(args),

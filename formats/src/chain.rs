@@ -3,7 +3,10 @@
 //!
 //! A backing name is resolved against the directory of the image that names it (as QEMU does).
 //! Names with a protocol prefix (`json:`, `nbd:`, `http://` ...) are refused: an image must not make
-//! vdisk open anything but a local file.
+//! vdisk open anything but a local file. Which local files an image may make vdisk open is the
+//! [`BackingPolicy`] of the open: all of them as QEMU does ([`BackingPolicy::Follow`]), only those
+//! whose format the image records ([`BackingPolicy::RequireFormat`]), or none
+//! ([`BackingPolicy::Refuse`]).
 
 use std::path::{Path, PathBuf};
 
@@ -13,14 +16,105 @@ use crate::image::Format;
 /// Deepest backing chain vdisk opens.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
+/// Which files named inside an image (backing files, external data files) opening it may open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Open them as QEMU does, probing the format of a backing file the image does not name.
+    #[default]
+    Follow,
+    /// Refuse a backing file whose format the image does not record (no backing format header
+    /// extension): probing it could read a raw file as an image with backing files of its own.
+    RequireFormat,
+    /// Refuse every image that names a backing file or an external data file: opening an
+    /// untrusted image then reads no other file. (To open such an image without its backing
+    /// file, use [`crate::OpenOptions::no_backing`].)
+    Refuse,
+}
+
+impl BackingPolicy {
+    /// The policies by the names the command line uses.
+    pub const NAMES: [(&'static str, BackingPolicy); 3] = [
+        ("follow", BackingPolicy::Follow),
+        ("require-format", BackingPolicy::RequireFormat),
+        ("refuse", BackingPolicy::Refuse),
+    ];
+
+    /// Parses `follow`, `require-format` or `refuse`.
+    pub fn from_name(name: &str) -> Result<BackingPolicy> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                Error::argument(format!(
+                    "unknown backing policy '{name}' (follow, require-format or refuse)"
+                ))
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(n, _)| *n)
+            .expect("every policy has a name")
+    }
+
+    /// Checks that `image` may open the backing file it names `name`, whose format it records as
+    /// `format` (the backing format header extension).
+    pub fn check_backing(self, image: &Path, name: &str, format: Option<&str>) -> Result<()> {
+        let refused = |why: &str| {
+            Err(Error::unsupported(
+                image,
+                format!(
+                    "backing file '{name}' refused: {why} (backing policy {})",
+                    self.name()
+                ),
+            ))
+        };
+        match (self, format) {
+            (BackingPolicy::Follow, _) | (BackingPolicy::RequireFormat, Some(_)) => Ok(()),
+            (BackingPolicy::RequireFormat, None) => refused(
+                "the image does not record the backing file's format, and probing it is unsafe",
+            ),
+            (BackingPolicy::Refuse, _) => refused("images may not name backing files"),
+        }
+    }
+
+    /// Checks that `image` may open the external data file it names `name` (always raw, so only
+    /// [`BackingPolicy::Refuse`] refuses it).
+    pub fn check_data_file(self, image: &Path, name: &str) -> Result<()> {
+        if self == BackingPolicy::Refuse {
+            return Err(Error::unsupported(
+                image,
+                format!(
+                    "external data file '{name}' refused: images may not name other files \
+                     (backing policy refuse)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// State carried down a chain while it is opened.
 #[derive(Debug, Default, Clone)]
 pub struct ChainCtx {
     /// Canonical paths of the images opened so far, top first.
     pub seen: Vec<PathBuf>,
+    /// What the images of the chain may open.
+    pub policy: BackingPolicy,
 }
 
 impl ChainCtx {
+    /// An empty chain opened under `policy`.
+    pub fn new(policy: BackingPolicy) -> ChainCtx {
+        ChainCtx {
+            seen: Vec::new(),
+            policy,
+        }
+    }
+
     /// Records that `path` is being opened; fails on a loop or a chain that is too deep.
     pub fn enter(&mut self, path: &Path) -> Result<()> {
         let canonical =
@@ -125,5 +219,40 @@ mod tests {
             );
         }
         assert!(resolve_backing(Path::new("/a/top"), "dir/with:colon").is_ok());
+    }
+
+    #[test]
+    fn policies_refuse_what_they_say() {
+        let top = Path::new("/a/top.qcow2");
+        for (name, policy) in BackingPolicy::NAMES {
+            assert_eq!(BackingPolicy::from_name(name).unwrap(), policy);
+            assert_eq!(policy.name(), name);
+        }
+        assert!(BackingPolicy::from_name("probe").is_err());
+        let follow = BackingPolicy::Follow;
+        assert!(follow.check_backing(top, "/etc/passwd", None).is_ok());
+        assert!(follow.check_data_file(top, "/etc/passwd").is_ok());
+        let require = BackingPolicy::RequireFormat;
+        assert!(require.check_backing(top, "base", Some("raw")).is_ok());
+        let err = require.check_backing(top, "base", None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/a/top.qcow2: backing file 'base' refused: the image does not record the backing \
+             file's format, and probing it is unsafe (backing policy require-format)"
+        );
+        assert!(require.check_data_file(top, "data").is_ok());
+        let refuse = BackingPolicy::Refuse;
+        let err = refuse
+            .check_backing(top, "base", Some("qcow2"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("backing file 'base' refused"),
+            "{err}"
+        );
+        let err = refuse.check_data_file(top, "data").unwrap_err();
+        assert!(
+            err.to_string().contains("data file 'data' refused"),
+            "{err}"
+        );
     }
 }

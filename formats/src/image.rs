@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::block::BlockDev;
-use crate::chain::ChainCtx;
+use crate::chain::{BackingPolicy, ChainCtx};
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 use crate::luks::{self, Luks, LuksCreateOptions, Passphrase};
@@ -110,11 +110,14 @@ pub struct OpenOptions {
     /// Do not open backing files (unallocated ranges then read as zero), like QEMU's
     /// `BDRV_O_NO_BACKING`; used to describe one layer of a chain.
     pub no_backing: bool,
+    /// Which backing files (and external data files) the image and those below it may make
+    /// vdisk open; QEMU follows them all ([`BackingPolicy::Follow`], the default).
+    pub backing_policy: BackingPolicy,
 }
 
 /// Opens an image, probing its format unless one is given, with its backing chain.
 pub fn open(path: &Path, opts: OpenOptions) -> Result<Arc<dyn BlockDev>> {
-    open_layer(path, opts, &mut ChainCtx::default())
+    open_layer(path, opts, &mut ChainCtx::new(opts.backing_policy))
 }
 
 /// Opens an image like [`open`], with the passphrase that unlocks an encrypted image (LUKS, or
@@ -132,11 +135,17 @@ pub fn open_with_secret(
     };
     match (format, secret) {
         (Format::Luks, Some(pw)) => Ok(Arc::new(Luks::open(path, opts.read_only, pw)?)),
-        (Format::Qcow2, Some(pw)) => Ok(Arc::new(if opts.no_backing {
-            Qcow2::open_with_secret(path, opts.read_only, None, Some(pw))?
-        } else {
-            Qcow2::open_secret(path, opts.read_only, Some(pw))?
-        })),
+        (Format::Qcow2, Some(pw)) => {
+            let mut ctx = ChainCtx::new(opts.backing_policy);
+            ctx.enter(path)?;
+            let chain = (!opts.no_backing).then_some(&mut ctx);
+            Ok(Arc::new(Qcow2::open_with_secret(
+                path,
+                opts.read_only,
+                chain,
+                Some(pw),
+            )?))
+        }
         _ => open(
             path,
             OpenOptions {

@@ -26,6 +26,7 @@ pub mod raw;
 pub mod units;
 
 pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
+pub use chain::BackingPolicy;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     create, open, open_with_secret, probe, resize, CreateOptions, Format, OpenOptions,

@@ -289,6 +289,25 @@ fn sparse_reads_use_hole_chunks_unless_df() {
 }
 
 #[test]
+fn small_reads_of_zeroes_are_one_hole_chunk() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = sparse_qcow2(dir.path());
+    let srv = serve_unix(server_for(open_image(&img, true)), dir.path());
+    let mut c = Client::connect(&srv.socket);
+    c.go("", Mode::Structured, &[]);
+    // Under the small-read size the server reads first and sends a hole if it read zeroes.
+    let (buf, kinds) = c.read(3 * MIB, 4096);
+    assert_eq!(kinds, [CHUNK_HOLE]);
+    assert!(buf.iter().all(|&b| b == 0));
+    let (buf, kinds) = c.read(MIB + 512, 4096);
+    assert_eq!(kinds, [CHUNK_DATA]);
+    assert!(buf.iter().all(|&b| b == 0xab));
+}
+
+#[test]
 fn block_status_req_one_and_extended_descriptors() {
     if !have("qemu-img") {
         return;

@@ -259,6 +259,7 @@ pub fn run(args: Args) -> Result<()> {
         format,
         read_only: !plan.write,
         no_backing: false,
+        backing_policy: crate::backing_policy::get(),
     };
     let dev = vdisk_formats::open(&file, opts).map_err(|e| could_not_open(describe(&e)))?;
 

@@ -81,7 +81,8 @@ pub fn run(args: Args) -> Result<()> {
     cfg.validate().map_err(|e| anyhow!(vmm_message(&e)))?;
     for (i, text) in args.disks.iter().enumerate() {
         let (spec, secret) = split_key_secret(text)?;
-        let spec = DiskSpec::parse(&spec).map_err(|e| anyhow!(vmm_message(&e)))?;
+        let mut spec = DiskSpec::parse(&spec).map_err(|e| anyhow!(vmm_message(&e)))?;
+        spec.backing_policy = crate::backing_policy::get();
         let disk = match secret {
             None => spec.open(i).map_err(|e| anyhow!(vmm_message(&e)))?,
             Some(id) => {
@@ -90,6 +91,7 @@ pub fn run(args: Args) -> Result<()> {
                     format: spec.format,
                     read_only: spec.read_only,
                     no_backing: false,
+                    backing_policy: crate::backing_policy::get(),
                 };
                 let dev = vdisk_formats::open_with_secret(&spec.path, opts, Some(&secret))
                     .map_err(|e| anyhow!("disk '{text}': {}", describe(&e)))?;

@@ -346,7 +346,8 @@ fn check_bitmaps(
         if image.format_or_probe(true)? != Format::Qcow2 {
             bail!("Source lacks bitmap support");
         }
-        let header = Qcow2::open(&image.path, true)
+        // Only the header is needed: the backing file stays closed.
+        let header = Qcow2::open_with(&image.path, true, None)
             .map_err(|e| image.could_not_open(describe(&e)))?
             .header();
         if header.version < 3 {

@@ -202,6 +202,7 @@ fn backing_size(
             format: Some(f),
             read_only: true,
             no_backing: false,
+            backing_policy: crate::backing_policy::get(),
         };
         vdisk_formats::open(&path, opts).map_err(|e| anyhow!(describe(&e)))
     });

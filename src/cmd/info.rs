@@ -104,6 +104,7 @@ fn node_info(file: &Path, format: Option<&str>) -> Result<NodeInfo> {
         format,
         read_only: true,
         no_backing: true,
+        backing_policy: crate::backing_policy::get(),
     };
     let dev = vdisk_formats::open(file, opts).map_err(|e| could_not_open(describe(&e)))?;
     dev.info().map_err(|e| anyhow!(describe(&e)))
@@ -115,8 +116,13 @@ fn chain_info(file: &Path, top: NodeInfo) -> Result<Vec<NodeInfo>> {
     let mut nodes = vec![top];
     let mut seen = HashSet::new();
     seen.insert(std::fs::canonicalize(file)?);
+    let mut above = file.to_path_buf();
     while let Some(backing) = nodes.last().and_then(|n| n.backing.clone()) {
+        crate::backing_policy::get()
+            .check_backing(&above, &backing.filename, backing.format.as_deref())
+            .map_err(|e| anyhow!("Could not open '{}': {}", above.display(), describe(&e)))?;
         let path = PathBuf::from(&backing.full_filename);
+        above = path.clone();
         if let Ok(canonical) = std::fs::canonicalize(&path) {
             if !seen.insert(canonical) {
                 bail!(

@@ -115,6 +115,7 @@ pub fn run(args: Args) -> Result<()> {
                 format,
                 read_only: true,
                 no_backing: false,
+                backing_policy: crate::backing_policy::get(),
             };
             let dev = vdisk_formats::open(&path, opts).map_err(|e| {
                 anyhow!(

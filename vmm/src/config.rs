@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vdisk_formats::{BlockDev, Format, OpenOptions};
+use vdisk_formats::{BackingPolicy, BlockDev, Format, OpenOptions};
 
 use crate::arch::layout;
 use crate::error::{Error, Result};
@@ -130,6 +130,8 @@ pub struct DiskSpec {
     /// Probed when `None`.
     pub format: Option<Format>,
     pub read_only: bool,
+    /// Which backing files the image may make the VMM open (not part of the text form).
+    pub backing_policy: BackingPolicy,
 }
 
 impl DiskSpec {
@@ -145,6 +147,7 @@ impl DiskSpec {
             path: PathBuf::from(path),
             format: None,
             read_only: false,
+            backing_policy: BackingPolicy::Follow,
         };
         for opt in parts {
             let (key, value) = opt.split_once('=').ok_or_else(|| {
@@ -187,6 +190,7 @@ impl DiskSpec {
                 format: self.format,
                 read_only: self.read_only,
                 no_backing: false,
+                backing_policy: self.backing_policy,
             },
         )
         .map_err(|e| Error::Disk {

@@ -229,6 +229,8 @@ fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
         format: Some(crate::image::Format::from_name(format)?),
         read_only: true,
         no_backing: false,
+        // The backing file is the one the user names; QEMU follows its chain.
+        backing_policy: crate::chain::BackingPolicy::Follow,
     };
     let backing = crate::image::open(&bpath, open_opts).map_err(|e| Error::Backing {
         path: path.to_path_buf(),

@@ -287,8 +287,12 @@ impl Qcow2 {
             full_filename: chain::full_name(path, name),
             format: header.backing_format(),
         });
+        // Opened without its backing file, an image has no policy to follow: QEMU's.
+        let policy = chain.as_ref().map_or_else(Default::default, |c| c.policy);
         let backing = match (&header.backing_file, chain) {
             (Some(name), Some(ctx)) => {
+                ctx.policy
+                    .check_backing(path, name, header.backing_format().as_deref())?;
                 let bpath = chain::resolve_backing(path, name)?;
                 let format =
                     chain::backing_format(path, header.backing_format().as_deref(), &bpath)?;
@@ -296,6 +300,7 @@ impl Qcow2 {
                     format: Some(format),
                     read_only: true,
                     no_backing: false,
+                    backing_policy: ctx.policy,
                 };
                 Some(open_layer(&bpath, opts, ctx).map_err(|e| Error::Backing {
                     path: path.to_path_buf(),
@@ -305,7 +310,7 @@ impl Qcow2 {
             }
             _ => None,
         };
-        let data_file = open_data_file(path, &header)?;
+        let data_file = open_data_file(path, &header, policy)?;
         let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
         let img = Qcow2 {
             file,
@@ -392,7 +397,11 @@ enum Key<'a> {
 
 /// Opens the external data file an image names (qcow2.rst, "External data file name"), resolved
 /// like a backing file name.
-fn open_data_file(path: &Path, h: &Header) -> Result<Option<HostFile>> {
+fn open_data_file(
+    path: &Path,
+    h: &Header,
+    policy: chain::BackingPolicy,
+) -> Result<Option<HostFile>> {
     if h.incompatible_features & incompat::DATA_FILE == 0 {
         return Ok(None);
     }
@@ -403,6 +412,7 @@ fn open_data_file(path: &Path, h: &Header) -> Result<Option<HostFile>> {
         ));
     };
     let name = String::from_utf8_lossy(name);
+    policy.check_data_file(path, &name)?;
     let data_path = chain::resolve_backing(path, &name)?;
     HostFile::open(&data_path, true).map(Some)
 }

@@ -64,13 +64,6 @@ pub const MAX_EXTENTS: usize = 1 << 16;
 /// Number of zero bytes after the `NBD_OPT_EXPORT_NAME` reply unless `NO_ZEROES` was agreed.
 pub const EXPORT_NAME_PADDING: usize = 124;
 
-/// Reads a big-endian `u16`.
-pub(crate) fn read_u16<R: Read + ?Sized>(r: &mut R) -> io::Result<u16> {
-    let mut b = [0; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-
 /// Reads a big-endian `u32`.
 pub(crate) fn read_u32<R: Read + ?Sized>(r: &mut R) -> io::Result<u32> {
     let mut b = [0; 4];

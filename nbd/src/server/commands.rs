@@ -183,6 +183,9 @@ fn pieces(dev: &dyn BlockDev, offset: u64, len: u64) -> Vec<Piece> {
     out
 }
 
+/// Structured reads shorter than this are read whole, without asking the mapping for holes.
+const SMALL_READ: usize = 64 << 10;
+
 fn read(neg: &Negotiated, sink: &ReplySink, h: &RequestHeader) {
     let dev = neg.export.dev().as_ref();
     let len = h.length as usize;
@@ -204,6 +207,28 @@ fn read(neg: &Negotiated, sink: &ReplySink, h: &RequestHeader) {
             }
         };
         return sink.send(h.cookie, h.offset, &[(chunk, &buf)]);
+    }
+    if len < SMALL_READ {
+        // Asking the mapping first costs more than the read: read, and send a hole chunk if
+        // it is all zero.
+        let mut buf = vec![0; len];
+        if let Err(e) = dev.read_at(&mut buf, h.offset) {
+            return fail(e);
+        }
+        let chunk = if vdisk_formats::convert::is_zero(&buf) {
+            let reply = Reply::Hole {
+                offset: h.offset,
+                len: len as u32,
+            };
+            (reply, &[][..])
+        } else {
+            let reply = Reply::Data {
+                offset: h.offset,
+                len: len as u64,
+            };
+            (reply, &buf[..])
+        };
+        return sink.send(h.cookie, h.offset, &[chunk]);
     }
     // Structured: everything is read before the first chunk is sent, so no error can show up
     // after a chunk went out and the last chunk can carry the DONE flag.

@@ -11,7 +11,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use super::commands::{self, Request};
@@ -26,14 +26,23 @@ const BUDGET: u64 = 4 * MAX_PAYLOAD as u64;
 
 /// A counting semaphore over bytes.
 pub(crate) struct Budget {
-    free: Mutex<u64>,
+    free: Mutex<BudgetState>,
     cv: Condvar,
+}
+
+struct BudgetState {
+    free: u64,
+    /// Threads waiting for bytes: without any, returning bytes needs no wake-up call.
+    waiters: usize,
 }
 
 impl Budget {
     fn new(bytes: u64) -> Budget {
         Budget {
-            free: Mutex::new(bytes),
+            free: Mutex::new(BudgetState {
+                free: bytes,
+                waiters: 0,
+            }),
             cv: Condvar::new(),
         }
     }
@@ -41,11 +50,13 @@ impl Budget {
     /// Takes `n` bytes (at most the whole budget), waiting until they are free.
     fn take(self: &Arc<Self>, n: u64) -> Permit {
         let n = n.min(BUDGET);
-        let mut free = self.free.lock().unwrap();
-        while *free < n {
-            free = self.cv.wait(free).unwrap();
+        let mut state = self.free.lock().unwrap();
+        while state.free < n {
+            state.waiters += 1;
+            state = self.cv.wait(state).unwrap();
+            state.waiters -= 1;
         }
-        *free -= n;
+        state.free -= n;
         Permit {
             budget: self.clone(),
             bytes: n,
@@ -61,12 +72,19 @@ pub(crate) struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        *self.budget.free.lock().unwrap() += self.bytes;
-        self.budget.cv.notify_all();
+        let mut state = self.budget.free.lock().unwrap();
+        state.free += self.bytes;
+        if state.waiters > 0 {
+            self.budget.cv.notify_all();
+        }
     }
 }
 
 /// Runs the transmission phase until the client disconnects.
+///
+/// Leader and followers: each of the connection's workers takes the reader in turn, reads one
+/// request, lets go of the reader and executes the request, so no request is handed from one
+/// thread to another.
 pub(crate) fn run(
     shared: &Shared,
     neg: Negotiated,
@@ -76,26 +94,26 @@ pub(crate) fn run(
     let Halves { mut reader, writer } = halves;
     let sink = ReplySink::new(neg.mode, writer, socket.try_clone()?);
     let workers = shared.settings.workers;
-    let (tx, rx) = mpsc::sync_channel::<Request>(workers * 2);
-    let rx = Mutex::new(rx);
     let budget = Arc::new(Budget::new(BUDGET));
-    let result = thread::scope(|s| {
-        for _ in 0..workers {
+    let input = Mutex::new(Input {
+        // Buffered: a pipelining client's headers arrive many to a system call.
+        reader: io::BufReader::with_capacity(64 << 10, &mut *reader),
+        ended: None,
+    });
+    thread::scope(|s| {
+        for _ in 1..workers {
             thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn_scoped(s, || loop {
-                    let req = match rx.lock().unwrap().recv() {
-                        Ok(r) => r,
-                        Err(_) => return,
-                    };
-                    commands::execute(&neg, &sink, req);
-                })
+                .spawn_scoped(s, || serve(&neg, &sink, &input, &budget))
                 .expect("cannot start an NBD worker thread");
         }
-        let r = read_requests(&neg, &sink, &mut *reader, &tx, &budget);
-        drop(tx);
-        r
+        serve(&neg, &sink, &input, &budget);
     });
+    let result = input
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .ended
+        .unwrap_or(Ok(Ending::Eof));
     if matches!(result, Ok(Ending::Disconnect)) && !neg.export.is_read_only() {
         if let Err(e) = neg.export.dev().flush() {
             log::warn!("flush at disconnect: {e}");
@@ -106,6 +124,42 @@ pub(crate) fn run(
     result.map(|_| ())
 }
 
+/// The request stream, shared by a connection's workers.
+struct Input<R> {
+    reader: io::BufReader<R>,
+    /// Set by the worker that saw the stream end; the others stop taking requests.
+    ended: Option<io::Result<Ending>>,
+}
+
+/// One worker: read a request, execute it, until the stream ends.
+fn serve<R: Read>(
+    neg: &Negotiated,
+    sink: &ReplySink,
+    input: &Mutex<Input<R>>,
+    budget: &Arc<Budget>,
+) {
+    loop {
+        let req = {
+            let mut input = input.lock().unwrap_or_else(|p| p.into_inner());
+            if input.ended.is_some() {
+                return;
+            }
+            match next_request(neg, sink, &mut input.reader, budget) {
+                Ok(Next::Request(req)) => req,
+                Ok(Next::End(ending)) => {
+                    input.ended = Some(Ok(ending));
+                    return;
+                }
+                Err(e) => {
+                    input.ended = Some(Err(e));
+                    return;
+                }
+            }
+        };
+        commands::execute(neg, sink, req);
+    }
+}
+
 /// How the request stream ended.
 enum Ending {
     /// `NBD_CMD_DISC`.
@@ -114,56 +168,60 @@ enum Ending {
     Eof,
 }
 
-fn read_requests(
+/// What the stream holds next.
+enum Next {
+    Request(Request),
+    End(Ending),
+}
+
+fn next_request(
     neg: &Negotiated,
     sink: &ReplySink,
     reader: &mut dyn Read,
-    tx: &mpsc::SyncSender<Request>,
     budget: &Arc<Budget>,
-) -> io::Result<Ending> {
+) -> io::Result<Next> {
     let extended = neg.mode == ReplyMode::Extended;
-    loop {
-        let header = match RequestHeader::read(reader, extended) {
-            Ok(h) => h,
-            Err(RequestError::Io(e)) if is_eof(&e) => return Ok(Ending::Eof),
-            Err(RequestError::Io(e)) => return Err(e),
-            Err(e @ RequestError::BadMagic(_)) => {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-            }
-        };
-        if header.command == Command::Disc {
-            return Ok(Ending::Disconnect);
+    let header = match RequestHeader::read(reader, extended) {
+        Ok(h) => h,
+        Err(RequestError::Io(e)) if is_eof(&e) => return Ok(Next::End(Ending::Eof)),
+        Err(RequestError::Io(e)) => return Err(e),
+        Err(e @ RequestError::BadMagic(_)) => {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
         }
-        if header.payload > u64::from(MAX_PAYLOAD) {
-            // Larger than any payload we advertised: reading it would be a denial of service,
-            // skipping it is impossible without reading. Say why, then hang up.
-            let msg = format!("payload of {} bytes exceeds {MAX_PAYLOAD}", header.payload);
-            sink.error(header.cookie, header.offset, Errno::Inval, &msg);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
-        }
-        let wants_buffer = match header.command {
-            Command::Write => header.payload,
-            Command::Read if header.length <= u64::from(MAX_PAYLOAD) => header.length,
-            _ => header.payload,
-        };
-        let permit = budget.take(wants_buffer);
-        let mut payload = Vec::new();
-        if header.payload > 0 {
-            payload = vec![0; header.payload as usize];
-            if let Err(e) = reader.read_exact(&mut payload) {
-                // A client that vanishes mid-payload never gets the partial write applied.
-                return if is_eof(&e) { Ok(Ending::Eof) } else { Err(e) };
-            }
-        }
-        let req = Request {
-            header,
-            payload,
-            _permit: permit,
-        };
-        if tx.send(req).is_err() {
-            return Ok(Ending::Eof);
+    };
+    if header.command == Command::Disc {
+        return Ok(Next::End(Ending::Disconnect));
+    }
+    if header.payload > u64::from(MAX_PAYLOAD) {
+        // Larger than any payload we advertised: reading it would be a denial of service,
+        // skipping it is impossible without reading. Say why, then hang up.
+        let msg = format!("payload of {} bytes exceeds {MAX_PAYLOAD}", header.payload);
+        sink.error(header.cookie, header.offset, Errno::Inval, &msg);
+        return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+    }
+    let wants_buffer = match header.command {
+        Command::Write => header.payload,
+        Command::Read if header.length <= u64::from(MAX_PAYLOAD) => header.length,
+        _ => header.payload,
+    };
+    let permit = budget.take(wants_buffer);
+    let mut payload = Vec::new();
+    if header.payload > 0 {
+        payload = vec![0; header.payload as usize];
+        if let Err(e) = reader.read_exact(&mut payload) {
+            // A client that vanishes mid-payload never gets the partial write applied.
+            return if is_eof(&e) {
+                Ok(Next::End(Ending::Eof))
+            } else {
+                Err(e)
+            };
         }
     }
+    Ok(Next::Request(Request {
+        header,
+        payload,
+        _permit: permit,
+    }))
 }
 
 fn is_eof(e: &io::Error) -> bool {
