@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use vdisk_formats::qcow2::header::{MAX_BACKING_FORMAT_NAME, MAX_HEADER_EXTENSIONS};
 use vdisk_formats::{Format, OpenOptions};
 
 /// Offset of the feature name table extension in a qemu-img 10 image (header length 112).
@@ -171,15 +172,23 @@ const CASES: &[Case] = &[
         name: "header extension list running past the cluster",
         needles: &["extension", "cluster"],
         patch: |b| {
-            // An empty extension, then 16-byte ones up to the last 8 bytes of the cluster, where
-            // one more header announces 8 bytes of data that would lie in the next cluster.
+            // One extension up to the last 8 bytes of the cluster, where one more header
+            // announces 8 bytes of data that would lie in the next cluster.
             let cluster = 1usize << be32(b, 20);
+            let last = cluster - 8;
             put32(b, FEATURE_TABLE, 0x1234_0000);
-            put32(b, FEATURE_TABLE + 4, 0);
-            for at in (FEATURE_TABLE + 8..cluster).step_by(16) {
-                put32(b, at, 0x1234_0000 + at as u32);
-                put32(b, at + 4, 8);
-            }
+            put32(b, FEATURE_TABLE + 4, (last - FEATURE_TABLE - 8) as u32);
+            put32(b, last, 0x1234_0001);
+            put32(b, last + 4, 8);
+        },
+        format: None,
+    },
+    Case {
+        name: "backing format extension of 16 bytes",
+        needles: &["backing format name too long (16 bytes, at most 15)"],
+        patch: |b| {
+            put32(b, FEATURE_TABLE, 0xe279_2aca);
+            put32(b, FEATURE_TABLE + 4, MAX_BACKING_FORMAT_NAME as u32 + 1);
         },
         format: None,
     },
@@ -214,6 +223,38 @@ const CASES: &[Case] = &[
         format: None,
     },
 ];
+
+/// The image with its feature table replaced by `count` empty extensions of distinct types.
+fn with_extensions(dir: &Path, base: &[u8], count: usize) -> PathBuf {
+    let mut bytes = base.to_vec();
+    for i in 0..count {
+        put32(&mut bytes, FEATURE_TABLE + 8 * i, 0x1234_0000 + i as u32);
+        put32(&mut bytes, FEATURE_TABLE + 8 * i + 4, 0);
+    }
+    put64(&mut bytes, FEATURE_TABLE + 8 * count, 0);
+    let path = dir.join(format!("extensions-{count}.qcow2"));
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+#[test]
+fn header_extension_count_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_image(dir.path());
+    // At the limit both vdisk and qemu-img open the image.
+    let at_limit = with_extensions(dir.path(), &base, MAX_HEADER_EXTENSIONS);
+    let dev = vdisk_formats::open(&at_limit, OpenOptions::default()).unwrap();
+    assert_eq!(vdisk_read(&*dev, 0, 4), [0x11; 4]);
+    run_ok(qemu_img().args(["info", "-f", "qcow2"]).arg(&at_limit));
+    // One more is refused (QEMU has no limit: it reads them all).
+    let over = with_extensions(dir.path(), &base, MAX_HEADER_EXTENSIONS + 1);
+    let err = vdisk_formats::open(&over, OpenOptions::default())
+        .err()
+        .unwrap();
+    let msg = message(&err);
+    assert!(msg.contains(&over.display().to_string()), "{msg}");
+    assert!(msg.contains("more than 1024 header extensions"), "{msg}");
+}
 
 /// Gives feature table entry (incompatible, `bit`) a new bit number and name.
 fn rename_feature(b: &mut [u8], bit: u8, new_bit: u8, name: &str) {

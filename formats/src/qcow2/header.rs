@@ -22,6 +22,12 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Longest backing file name QEMU accepts.
 pub const MAX_BACKING_NAME: u32 = 1023;
+/// Longest backing format name (the backing format extension): QEMU keeps it in a 16-byte buffer
+/// and refuses longer ones ("ext_backing_format: len=N too large").
+pub const MAX_BACKING_FORMAT_NAME: usize = 15;
+/// Most header extensions vdisk reads. The spec sets no number (they only have to fit in the
+/// first cluster, up to 262144 empty ones in 2 MiB); QEMU writes at most six.
+pub const MAX_HEADER_EXTENSIONS: usize = 1024;
 
 /// Incompatible feature bits.
 pub mod incompat {
@@ -335,10 +341,26 @@ impl Header {
                     ),
                 ));
             };
+            if self.extensions.len() == MAX_HEADER_EXTENSIONS {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "more than {MAX_HEADER_EXTENSIONS} header extensions (the next at offset {at:#x})"
+                    ),
+                ));
+            }
             if self.extensions.iter().any(|e| e.kind == kind) {
                 return Err(Error::invalid(
                     path,
                     format!("header extension {kind:#x} appears twice"),
+                ));
+            }
+            if kind == ext::BACKING_FORMAT && len > MAX_BACKING_FORMAT_NAME {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "backing format name too long ({len} bytes, at most {MAX_BACKING_FORMAT_NAME})"
+                    ),
                 ));
             }
             self.extensions.push(Extension {
