@@ -49,6 +49,9 @@ pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 /// Longest string (export name, context name, error message) the spec allows ("Conventions":
 /// MUST be no longer than 4096 bytes).
 pub const MAX_STRING: usize = 4096;
+/// Most options a client may send in one handshake; the server hangs up on the one that would
+/// follow (the spec sets no number).
+pub const MAX_OPTIONS: usize = 4096;
 /// Largest option payload kept in memory. Longer options are drained and refused with
 /// `NBD_REP_ERR_TOO_BIG`; the longest legitimate one (an INFO or META_CONTEXT request with a few
 /// 4 KiB names) fits easily.

@@ -14,13 +14,13 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
-use super::{Context, Export, Shared, MAX_OPTIONS};
+use super::{Context, Export, Shared};
 use crate::proto::handshake::{
     export_name_reply, greeting, opt, InfoReply, InvalidOption, OptionHeader,
 };
 use crate::proto::{
     ClientFlags, ClientOption, InfoRequest, InfoType, MetaQuery, OptionReply, RepError, ReplyMode,
-    TransmissionFlags, MAX_OPTION_DRAIN, MAX_OPTION_LEN, MAX_STRING,
+    TransmissionFlags, MAX_OPTIONS, MAX_OPTION_DRAIN, MAX_OPTION_LEN, MAX_STRING,
 };
 use crate::transport::{Halves, Socket};
 

@@ -32,9 +32,6 @@ use std::time::Duration;
 
 use crate::transport::{Halves, Listener, Socket};
 
-/// Refuse (hang up on) clients that send more options than this in one handshake.
-const MAX_OPTIONS: usize = 4096;
-
 /// Server-wide settings.
 #[derive(Debug, Clone)]
 struct Settings {

@@ -1,0 +1,72 @@
+//! Handshake limits: how many options a client may send, and how long its strings may be. Each
+//! limit is a named constant; a client at the limit is served, one past it gets the spec's error
+//! (or a hang-up) and the server keeps serving others.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::client::*;
+use common::*;
+use vdisk_formats::mem::MemDev;
+use vdisk_nbd::proto::{MAX_OPTIONS, MAX_STRING};
+
+const MIB: usize = 1 << 20;
+
+fn mem_server(dir: &std::path::Path) -> Running {
+    serve_unix(server_for(Arc::new(MemDev::new(MIB))), dir)
+}
+
+/// Sends `count` options the server does not know; each gets `NBD_REP_ERR_UNSUP`.
+fn unknown_options(c: &mut Client, count: usize) {
+    for _ in 0..count {
+        assert_eq!(c.option(0x1234, b"x"), REP_ERR_UNSUP);
+    }
+}
+
+#[test]
+fn a_handshake_of_max_options_options_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = mem_server(dir.path());
+    let mut c = Client::connect(&srv.socket);
+    // GO is the last option the server accepts.
+    unknown_options(&mut c, MAX_OPTIONS - 1);
+    c.go("", Mode::Simple, &[]);
+    assert_eq!(c.size, MIB as u64);
+    assert_eq!(c.error_of(0, CMD_READ, 0, 512, &[]), 0);
+}
+
+#[test]
+fn one_option_past_max_options_hangs_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = mem_server(dir.path());
+    let mut c = Client::connect(&srv.socket);
+    unknown_options(&mut c, MAX_OPTIONS);
+    c.send_option(OPT_GO, &info_data("", &[]));
+    assert!(
+        c.closed(),
+        "the server must hang up after {MAX_OPTIONS} options"
+    );
+    let mut other = Client::connect(&srv.socket);
+    other.go("", Mode::Structured, &[]);
+    assert_eq!(other.error_of(0, CMD_READ, 0, 512, &[]), 0);
+}
+
+#[test]
+fn export_names_longer_than_max_string_are_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = mem_server(dir.path());
+    let mut c = Client::connect(&srv.socket);
+    // At the limit the name is valid (there is just no such export).
+    let at_limit = "n".repeat(MAX_STRING);
+    assert_eq!(
+        c.option(OPT_INFO, &info_data(&at_limit, &[])),
+        REP_ERR_UNKNOWN
+    );
+    let over = "n".repeat(MAX_STRING + 1);
+    assert_eq!(c.option(OPT_INFO, &info_data(&over, &[])), REP_ERR_INVALID);
+    assert_eq!(c.option(OPT_GO, &info_data(&over, &[])), REP_ERR_INVALID);
+    // The negotiation goes on.
+    c.go("", Mode::Structured, &[]);
+    assert_eq!(c.error_of(0, CMD_READ, 0, 512, &[]), 0);
+}
