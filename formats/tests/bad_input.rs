@@ -7,8 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use vdisk_formats::chain::MAX_CHAIN_DEPTH;
 use vdisk_formats::qcow2::header::{MAX_BACKING_FORMAT_NAME, MAX_HEADER_EXTENSIONS};
-use vdisk_formats::{Format, OpenOptions};
+use vdisk_formats::{CreateOptions, Format, OpenOptions};
 
 /// Offset of the feature name table extension in a qemu-img 10 image (header length 112).
 const FEATURE_TABLE: usize = 112;
@@ -254,6 +255,46 @@ fn header_extension_count_is_limited() {
     let msg = message(&err);
     assert!(msg.contains(&over.display().to_string()), "{msg}");
     assert!(msg.contains("more than 1024 header extensions"), "{msg}");
+}
+
+/// A chain of `images` qcow2 images of 1 MiB (the bottom one without a backing file); returns the
+/// top one.
+fn chain_of(dir: &Path, images: usize) -> PathBuf {
+    let name = |i: usize| dir.join(format!("chain-{i}.qcow2"));
+    for i in 0..images {
+        let opts = vdisk_formats::qcow2::CreateOptions {
+            size: Some(1 << 20),
+            backing_file: (i > 0).then(|| name(i - 1).display().to_string()),
+            backing_format: (i > 0).then(|| "qcow2".to_string()),
+            open_backing: false,
+            ..Default::default()
+        };
+        vdisk_formats::create(&name(i), &CreateOptions::Qcow2(opts)).unwrap();
+    }
+    name(images - 1)
+}
+
+#[test]
+fn backing_chains_deeper_than_max_chain_depth_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let at_limit = chain_of(dir.path(), MAX_CHAIN_DEPTH);
+    let over = chain_of(dir.path(), MAX_CHAIN_DEPTH + 1);
+    // Each image of a chain is opened one call deeper; an unoptimised build needs more than the
+    // 2 MiB of a test thread for 64 of them, so this runs with the 8 MiB of a main thread.
+    std::thread::Builder::new()
+        .stack_size(8 << 20)
+        .spawn(move || {
+            vdisk_formats::open(&at_limit, OpenOptions::default()).unwrap();
+            let err = vdisk_formats::open(&over, OpenOptions::default())
+                .err()
+                .unwrap();
+            let msg = message(&err);
+            assert!(msg.contains(&over.display().to_string()), "{msg}");
+            assert!(msg.contains("backing chain deeper than 64 images"), "{msg}");
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 /// Gives feature table entry (incompatible, `bit`) a new bit number and name.
