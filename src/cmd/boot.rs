@@ -18,6 +18,11 @@ use crate::errors::{describe, os_message};
 /// line), powers off, or the user quits; it fails with a message when KVM is missing, the
 /// kernel cannot be booted, or an image cannot be opened.
 ///
+/// Before the guest runs, every thread of the VMM (vCPUs, one I/O thread per disk, the
+/// console, the main thread) confines itself with a seccomp filter to the system calls it
+/// needs. A forbidden call stops the VMM: it names the thread and the call on stderr and dies
+/// by SIGSYS. --no-seccomp leaves the filters out, to debug such a stop.
+///
 /// Examples:
 ///
 ///   vdisk boot --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0 root=/dev/vda1'
@@ -60,6 +65,11 @@ pub struct Args {
     /// Define a secret for key-secret: secret,id=ID,data=TEXT or secret,id=ID,file=PATH
     #[arg(long = "object", value_name = "OBJDEF")]
     object: Vec<String>,
+
+    /// Run without the seccomp filters (for debugging only: a compromised VMM thread could
+    /// then make any system call)
+    #[arg(long = "no-seccomp")]
+    no_seccomp: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -78,6 +88,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(s) = &args.serial {
         cfg.serial = SerialConfig::parse(s).map_err(|e| anyhow!(vmm_message(&e)))?;
     }
+    cfg.seccomp = !args.no_seccomp;
     cfg.validate().map_err(|e| anyhow!(vmm_message(&e)))?;
     for (i, text) in args.disks.iter().enumerate() {
         let (spec, secret) = split_key_secret(text)?;

@@ -38,11 +38,14 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Where COM1 goes.
     pub serial: SerialConfig,
+    /// Confine every VMM thread to the system calls it needs ([`crate::seccomp`]) before the
+    /// guest runs. On by default; off only to debug.
+    pub seccomp: bool,
 }
 
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel: no disks, 512 MiB, one vCPU,
-    /// serial on stdio, [`DEFAULT_CMDLINE`].
+    /// serial on stdio, [`DEFAULT_CMDLINE`], seccomp filters on.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
             kernel: kernel.into(),
@@ -52,6 +55,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             cpus: 1,
             serial: SerialConfig::Stdio,
+            seccomp: true,
         }
     }
 

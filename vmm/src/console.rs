@@ -16,8 +16,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::devices::Devices;
 use crate::error::{Error, Result};
 use crate::exit::{ExitReason, VmExit};
+use crate::seccomp::{self, ThreadFilter};
 
 const CTRL_A: u8 = 0x01;
+
+/// Stack of the console thread.
+const STACK_SIZE: usize = 128 << 10;
 
 /// The escape-sequence decoder: turns typed bytes into bytes for the guest, or a quit.
 #[derive(Debug, Default)]
@@ -103,8 +107,13 @@ pub(crate) struct Console {
 }
 
 impl Console {
-    /// Starts reading stdin into the UART of `devices`.
-    pub fn start(devices: Arc<Devices>, exit: Arc<VmExit>) -> Result<Self> {
+    /// Starts reading stdin into the UART of `devices`, in a thread confined to `filter` when
+    /// given.
+    pub fn start(
+        devices: Arc<Devices>,
+        exit: Arc<VmExit>,
+        filter: Option<Arc<ThreadFilter>>,
+    ) -> Result<Self> {
         let stdin = io::stdin();
         let fd = stdin.as_raw_fd();
         let raw = RawMode::enter(fd)?;
@@ -122,10 +131,13 @@ impl Console {
             )
             .map_err(|e| Error::os("epoll_ctl", e))?;
         let thread_stop = stop.try_clone().map_err(|e| Error::os("eventfd", e))?;
-        let thread = std::thread::Builder::new()
-            .name("vdisk-console".into())
-            .spawn(move || input_loop(fd, epoll, thread_stop, devices, exit))
-            .map_err(|e| Error::os("spawning the console thread", e))?;
+        let thread = seccomp::spawn(
+            "vdisk-console".into(),
+            STACK_SIZE,
+            filter,
+            "spawning the console thread",
+            move || input_loop(fd, epoll, thread_stop, devices, exit),
+        )?;
         Ok(Console {
             stop,
             thread: Some(thread),

@@ -65,6 +65,13 @@ pub enum Error {
         #[source]
         source: vdisk_formats::Error,
     },
+    /// Compiling or installing the seccomp filter of a VMM thread failed.
+    #[error("seccomp filter of the {thread} thread")]
+    Seccomp {
+        thread: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
     /// A vCPU stopped in a way the VMM cannot continue from.
     #[error("vCPU {cpu}: {what}")]
     Vcpu { cpu: u8, what: String },

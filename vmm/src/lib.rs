@@ -8,7 +8,8 @@
 //!   images (and anything else the block layer opens) work alike;
 //! * an 8250 UART on COM1 wired to the terminal, a file, or nothing;
 //! * an i8042 whose reset command ends the VM, an ACPI power-off port;
-//! * in-kernel LAPICs, IOAPIC and PIT; several vCPUs.
+//! * in-kernel LAPICs, IOAPIC and PIT; several vCPUs;
+//! * a seccomp filter on every VMM thread before the guest runs ([`seccomp`]).
 //!
 //! Disks are announced twice, so any kernel finds them: as `virtio_mmio.device=4K@ADDR:GSI` on the
 //! command line (kernels with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`) and as `LNRO0005` devices in
@@ -51,6 +52,7 @@ mod console;
 pub mod devices;
 pub mod error;
 mod exit;
+pub mod seccomp;
 mod vcpu;
 pub mod virtio;
 mod vm;

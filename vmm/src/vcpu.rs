@@ -5,8 +5,12 @@
 //! each thread a real-time signal whose handler does nothing, which makes a blocking `KVM_RUN`
 //! return `EINTR`. A signal that lands just before `KVM_RUN` is entered would be lost, so the kick
 //! repeats until the thread has finished.
+//!
+//! Starting: each thread confines itself to the vCPU seccomp filter, then waits at the
+//! [`StartGate`] until the main thread has confined itself too, so that no guest code runs
+//! before every filter is in place.
 
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,6 +21,31 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::Devices;
 use crate::error::{Error, Result};
 use crate::exit::{ExitReason, VmExit};
+use crate::seccomp::{self, ThreadFilter};
+
+/// Stack of a vCPU thread: device emulation needs little.
+const STACK_SIZE: usize = 256 << 10;
+
+/// Holds the vCPU threads back until it is opened.
+#[derive(Debug, Default)]
+pub(crate) struct StartGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl StartGate {
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
 
 /// Signal used to kick vCPU threads out of `KVM_RUN`.
 fn kick_signal() -> i32 {
@@ -42,21 +71,28 @@ pub(crate) fn install_kick_handler() -> Result<()> {
     result
 }
 
-/// Starts the thread running vCPU `id`.
+/// Starts the thread running vCPU `id`, confined to `filter` when given; it enters the guest
+/// once `gate` opens (and the VM is not stopping by then).
 pub(crate) fn spawn(
     id: u8,
     vcpu: VcpuFd,
     devices: Arc<Devices>,
     exit: Arc<VmExit>,
+    filter: Option<Arc<ThreadFilter>>,
+    gate: Arc<StartGate>,
 ) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("vdisk-vcpu{id}"))
-        .spawn(move || {
+    seccomp::spawn(
+        format!("vdisk-vcpu{id}"),
+        STACK_SIZE,
+        filter,
+        "spawning a vCPU thread",
+        move || {
+            gate.wait();
             if let Some(outcome) = run_loop(id, vcpu, &devices, &exit) {
                 exit.request(outcome);
             }
-        })
-        .map_err(|e| Error::os("spawning a vCPU thread", e))
+        },
+    )
 }
 
 /// Runs until the VM should stop; returns the outcome this vCPU caused, if any.

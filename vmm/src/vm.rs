@@ -3,8 +3,10 @@
 //! [`Vm::new`] does everything that can fail before the guest runs: KVM VM with in-kernel
 //! irqchip and PIT, guest memory, devices and their irqfds/ioeventfds, kernel/initrd/command line,
 //! boot structures and ACPI tables, vCPUs with CPUID/MSRs/LAPIC and the boot registers.
-//! [`Vm::run`] starts the vCPU threads (and the console), waits for the first exit, stops
-//! everything, flushes the disks and returns why the VM ended.
+//! The disks' I/O threads start here too, already confined to their seccomp filter.
+//! [`Vm::run`] starts the vCPU threads (and the console), confines the calling thread, lets the
+//! vCPUs enter the guest, waits for the first exit, stops everything, flushes the disks and
+//! returns why the VM ended.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -28,7 +30,8 @@ use crate::devices::legacy::{IrqLine, ResetTrigger, Unbuffered};
 use crate::devices::Devices;
 use crate::error::{Error, Result};
 use crate::exit::{ExitReason, VmExit};
-use crate::vcpu;
+use crate::seccomp::{self, Filters, ThreadKind};
+use crate::vcpu::{self, StartGate};
 use crate::virtio::block::{Block, Disk};
 use crate::virtio::mmio::MmioTransport;
 
@@ -44,6 +47,8 @@ pub struct Vm {
     disks: Vec<Arc<dyn BlockDev>>,
     serial: SerialConfig,
     boot_mode: regs::EntryMode,
+    /// `None` with seccomp off.
+    filters: Option<Filters>,
     _vm_fd: VmFd,
     _kvm: Kvm,
     _mem: Arc<GuestMemoryMmap>,
@@ -55,6 +60,7 @@ impl std::fmt::Debug for Vm {
             .field("vcpus", &self.vcpus.len())
             .field("disks", &self.disks.len())
             .field("boot_mode", &self.boot_mode)
+            .field("seccomp", &self.filters.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +119,13 @@ impl Vm {
     /// Builds the VM; nothing runs yet.
     pub fn new(cfg: VmConfig) -> Result<Vm> {
         cfg.validate()?;
+        let filters = if cfg.seccomp {
+            seccomp::install_violation_report()?;
+            Some(Filters::compile()?)
+        } else {
+            None
+        };
+        let io_filter = filters.as_ref().map(|f| f.get(ThreadKind::DiskIo));
         let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
         let vm_fd = kvm
             .create_vm()
@@ -152,7 +165,8 @@ impl Vm {
             let block = Block::new(
                 Disk::new(disk.dev.clone(), disk.read_only, &disk.id),
                 format!("vdisk-blk{i}"),
-            );
+                io_filter.clone(),
+            )?;
             let irq = eventfd()?;
             vm_fd
                 .register_irqfd(&irq, gsi)
@@ -220,6 +234,7 @@ impl Vm {
             disks,
             serial: cfg.serial,
             boot_mode: kernel.mode,
+            filters,
             _vm_fd: vm_fd,
             _kvm: kvm,
             _mem: mem,
@@ -233,15 +248,33 @@ impl Vm {
 
     /// Runs the guest until it resets, powers off, shuts down, the user quits, or a vCPU fails;
     /// then stops every thread, restores the terminal and flushes the disks.
+    ///
+    /// With seccomp on (the default), the calling thread is confined to the main-thread filter
+    /// before the guest runs, for good: after this returns it can still print, free memory,
+    /// flush and close files and exit, but not open files or start processes or threads.
     pub fn run(mut self) -> Result<ExitReason> {
         vcpu::install_kick_handler()?;
+        let filter = |kind| self.filters.as_ref().map(|f| f.get(kind));
         let console = match self.serial {
-            SerialConfig::Stdio => Some(Console::start(self.devices.clone(), self.exit.clone())?),
+            SerialConfig::Stdio => Some(Console::start(
+                self.devices.clone(),
+                self.exit.clone(),
+                filter(ThreadKind::Console),
+            )?),
             _ => None,
         };
+        let gate = Arc::new(StartGate::default());
         let mut threads = Vec::new();
         for (id, fd) in self.vcpus.drain(..).enumerate() {
-            match vcpu::spawn(id as u8, fd, self.devices.clone(), self.exit.clone()) {
+            let spawned = vcpu::spawn(
+                id as u8,
+                fd,
+                self.devices.clone(),
+                self.exit.clone(),
+                filter(ThreadKind::Vcpu),
+                gate.clone(),
+            );
+            match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     self.exit.request(Err(e));
@@ -249,6 +282,12 @@ impl Vm {
                 }
             }
         }
+        if let Some(main) = filter(ThreadKind::Main) {
+            if let Err(e) = main.install() {
+                self.exit.request(Err(e));
+            }
+        }
+        gate.open();
         let reason = self.exit.wait();
         vcpu::stop_all(threads);
         drop(console);

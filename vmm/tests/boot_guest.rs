@@ -1,6 +1,9 @@
 //! Boots the tiny assembler guest of `tests/guest/` through the real VMM path (KVM, loader,
 //! boot structures, MMIO exits, ioeventfd, I/O thread, irqfd, serial, i8042 reset) on raw and
-//! qcow2 images, and checks the guest's serial report and the image contents afterwards.
+//! qcow2 images (one an overlay with a backing file) and LUKS2, with the seccomp filters on as
+//! by default (and once off), and checks the guest's serial report, the image contents
+//! afterwards (with qemu-img where it can read the format), and that the thread that ran the VM
+//! was confined.
 //!
 //! The guest is assembled here with GNU `as`/`ld`; the tests skip (saying why) where there is
 //! no usable `/dev/kvm`, no assembler, or (for qcow2) no `qemu-img`.
@@ -10,7 +13,10 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vdisk_vmm::{DiskSpec, ExitReason, SerialConfig, Vm, VmConfig};
+mod common;
+
+use common::{create_qcow2_overlay, format_luks2, qemu_img};
+use vdisk_vmm::{DiskConfig, DiskSpec, ExitReason, SerialConfig, Vm, VmConfig};
 
 /// How long a tiny guest may take, even fully emulated.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -134,8 +140,28 @@ fn dword_sum(bytes: &[u8]) -> u32 {
         .fold(0, u32::wrapping_add)
 }
 
-/// Boots `kernel` with `disk` and returns why it stopped and what it printed.
-fn boot(kernel: &Path, disk: &str, cpus: u8, dir: &Path) -> (ExitReason, String) {
+/// How a boot went.
+struct Booted {
+    reason: ExitReason,
+    /// What the guest printed on COM1.
+    report: String,
+    /// The `Seccomp:` mode of the thread that ran `Vm::run`, read from /proc after the run:
+    /// 2 (filter) with seccomp on, 0 with it off.
+    runner_seccomp: String,
+}
+
+/// Boots `kernel` with the disk `spec` (seccomp filters on unless `seccomp` is false).
+fn boot(kernel: &Path, spec: &str, cpus: u8, dir: &Path) -> Booted {
+    boot_disk(
+        kernel,
+        DiskSpec::parse(spec).unwrap().open(0).unwrap(),
+        cpus,
+        dir,
+        true,
+    )
+}
+
+fn boot_disk(kernel: &Path, disk: DiskConfig, cpus: u8, dir: &Path, seccomp: bool) -> Booted {
     let log = dir.join(format!("serial-{}.log", cpus));
     let _ = std::fs::remove_file(&log);
     let mut cfg = VmConfig::new(kernel);
@@ -143,23 +169,39 @@ fn boot(kernel: &Path, disk: &str, cpus: u8, dir: &Path) -> (ExitReason, String)
     cfg.memory = 32 << 20;
     cfg.cpus = cpus;
     cfg.serial = SerialConfig::File(log.clone());
-    cfg.disks
-        .push(DiskSpec::parse(disk).unwrap().open(0).unwrap());
+    cfg.seccomp = seccomp;
+    cfg.disks.push(disk);
     let vm = Vm::new(cfg).expect("building the VM");
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(vm.run());
+    let (release, released) = mpsc::channel::<()>();
+    // The runner is confined by the run when seccomp is on: it only reports and waits (futex)
+    // until its /proc status has been read.
+    let runner = std::thread::spawn(move || {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let _ = tx.send((tid, vm.run()));
+        let _ = released.recv();
     });
-    let reason = rx
-        .recv_timeout(BOOT_TIMEOUT)
-        .unwrap_or_else(|_| {
-            panic!(
-                "guest did not finish within {BOOT_TIMEOUT:?}; serial so far:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        })
-        .expect("running the VM");
-    (reason, std::fs::read_to_string(&log).unwrap())
+    let (tid, result) = rx.recv_timeout(BOOT_TIMEOUT).unwrap_or_else(|_| {
+        panic!(
+            "guest did not finish within {BOOT_TIMEOUT:?}; serial so far:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    drop(release);
+    runner.join().unwrap();
+    let runner_seccomp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .expect("Seccomp: line in /proc status")
+        .trim()
+        .to_string();
+    Booted {
+        reason: result.expect("running the VM"),
+        report: std::fs::read_to_string(&log).unwrap(),
+        runner_seccomp,
+    }
 }
 
 /// Checks the serial report line by line.
@@ -181,9 +223,10 @@ fn check_report(report: &str, mode: &str) {
 fn boot_on_raw(kernel: &Path, dir: &Path, mode: &str) -> PathBuf {
     let image = dir.join("disk.raw");
     std::fs::write(&image, pattern()).unwrap();
-    let (reason, report) = boot(kernel, &format!("{},format=raw", image.display()), 1, dir);
-    assert_eq!(reason, ExitReason::Reset);
-    check_report(&report, mode);
+    let booted = boot(kernel, &format!("{},format=raw", image.display()), 1, dir);
+    assert_eq!(booted.reason, ExitReason::Reset);
+    check_report(&booted.report, mode);
+    assert_eq!(booted.runner_seccomp, "2", "the run was not confined");
     image
 }
 
@@ -199,10 +242,8 @@ fn pvh_guest_reads_writes_and_flushes_a_raw_image() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = build_guest(dir.path(), true);
     let image = boot_on_raw(&kernel, dir.path(), "pvh");
-    let mut expected = pattern();
-    expected[8 * 512..10 * 512].copy_from_slice(&written());
     assert!(
-        std::fs::read(&image).unwrap() == expected,
+        std::fs::read(&image).unwrap() == expected_image(),
         "image contents differ"
     );
 }
@@ -245,39 +286,109 @@ fn pvh_guest_on_qcow2_image_with_two_vcpus_matches_qemu_img() {
         .unwrap();
     assert!(status.success());
 
-    let (reason, report) = boot(
+    let booted = boot(
         &kernel,
         &format!("{},format=qcow2", qcow2.display()),
         2,
         dir.path(),
     );
-    assert_eq!(reason, ExitReason::Reset);
-    check_report(&report, "pvh");
+    assert_eq!(booted.reason, ExitReason::Reset);
+    check_report(&booted.report, "pvh");
 
-    // The host side agrees: the qcow2 image is consistent and holds exactly the expected data.
-    let check = Command::new("qemu-img")
-        .arg("check")
-        .arg(&qcow2)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_qcow2_holds_the_expected_image(&qcow2, dir.path());
+}
+
+/// The image after the guest's run: the pattern with sectors 8-9 written.
+fn expected_image() -> Vec<u8> {
     let mut expected = pattern();
     expected[8 * 512..10 * 512].copy_from_slice(&written());
-    let want = dir.path().join("want.raw");
-    std::fs::write(&want, expected).unwrap();
-    let compare = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "qcow2"])
-        .arg(&want)
-        .arg(&qcow2)
-        .output()
-        .unwrap();
+    expected
+}
+
+/// The host side agrees: the qcow2 image is consistent and holds exactly the expected data.
+fn assert_qcow2_holds_the_expected_image(qcow2: &Path, dir: &Path) {
+    let qcow2 = qcow2.to_str().unwrap();
+    qemu_img(&["check", qcow2]);
+    let want = dir.join("want.raw");
+    std::fs::write(&want, expected_image()).unwrap();
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        want.to_str().unwrap(),
+        qcow2,
+    ]);
+}
+
+#[test]
+fn pvh_guest_on_a_qcow2_overlay_and_on_luks2_with_the_filters_on() {
+    if missing(&["as", "ld", "qemu-img", "cryptsetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = build_guest(dir.path(), true);
+
+    // A qcow2 overlay over a raw backing file: the guest's writes land in the overlay only.
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, pattern()).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    create_qcow2_overlay(&overlay, "base.raw");
+    let booted = boot(&kernel, overlay.to_str().unwrap(), 1, dir.path());
+    assert_eq!(booted.reason, ExitReason::Reset);
+    check_report(&booted.report, "pvh");
+    assert_eq!(booted.runner_seccomp, "2");
     assert!(
-        compare.status.success(),
-        "qemu-img compare: {}",
-        String::from_utf8_lossy(&compare.stdout)
+        std::fs::read(&base).unwrap() == pattern(),
+        "the backing file changed"
     );
+    assert_qcow2_holds_the_expected_image(&overlay, dir.path());
+
+    // LUKS2 made by cryptsetup (16 MiB header, 1 MiB payload), the pattern written through
+    // the block layer before the boot.
+    let luks2 = dir.path().join("disk.luks2");
+    format_luks2(&luks2, IMAGE_SIZE as u64, "swordfish");
+    let open = || {
+        let opts = vdisk_formats::OpenOptions {
+            format: Some(vdisk_formats::Format::Luks),
+            ..Default::default()
+        };
+        let pw = vdisk_formats::Passphrase::new(b"swordfish".to_vec());
+        vdisk_formats::open_with_secret(&luks2, opts, Some(&pw)).unwrap()
+    };
+    let dev = open();
+    dev.write_at(&pattern(), 0).unwrap();
+    let disk = DiskConfig {
+        dev,
+        read_only: false,
+        id: "vdisk0".into(),
+    };
+    let booted = boot_disk(&kernel, disk, 1, dir.path(), true);
+    assert_eq!(booted.reason, ExitReason::Reset);
+    check_report(&booted.report, "pvh");
+    assert_eq!(booted.runner_seccomp, "2");
+    let mut back = vec![0; IMAGE_SIZE];
+    open().read_at(&mut back, 0).unwrap();
+    assert!(back == expected_image(), "LUKS2 contents differ");
+}
+
+#[test]
+fn with_seccomp_off_the_run_stays_unconfined() {
+    if missing(&["as", "ld"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = build_guest(dir.path(), true);
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, pattern()).unwrap();
+    let disk = DiskSpec::parse(&format!("{},format=raw", image.display()))
+        .unwrap()
+        .open(0)
+        .unwrap();
+    let booted = boot_disk(&kernel, disk, 1, dir.path(), false);
+    assert_eq!(booted.reason, ExitReason::Reset);
+    check_report(&booted.report, "pvh");
+    assert_eq!(booted.runner_seccomp, "0");
+    assert!(std::fs::read(&image).unwrap() == expected_image());
 }

@@ -37,7 +37,7 @@ pub struct MmioTransport {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    queue_evts: Vec<Arc<EventFd>>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
@@ -57,7 +57,7 @@ impl MmioTransport {
         let queue_evts = device
             .queue_max_sizes()
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::os("eventfd", e))?;
         Ok(MmioTransport {
@@ -87,7 +87,7 @@ impl MmioTransport {
 
     /// The notification eventfd of each queue, for registration as KVM ioeventfds on
     /// `QueueNotify` (offset 0x50) with the queue index as data match.
-    pub fn queue_evts(&self) -> &[EventFd] {
+    pub fn queue_evts(&self) -> &[Arc<EventFd>] {
         &self.queue_evts
     }
 
@@ -273,16 +273,10 @@ impl MmioTransport {
         }
         let fresh = Self::fresh_queues(self.device.as_ref())?;
         let queues = std::mem::replace(&mut self.queues, fresh);
-        let queue_evts = self
-            .queue_evts
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::os("eventfd", e))?;
         self.device.activate(Activation {
             mem: self.mem.clone(),
             queues,
-            queue_evts,
+            queue_evts: self.queue_evts.clone(),
             interrupt: self.interrupt.clone(),
             features: self.driver_features,
         })?;

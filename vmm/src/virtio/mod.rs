@@ -78,8 +78,9 @@ pub struct Activation {
     pub mem: Arc<GuestMemoryMmap>,
     /// The configured queues, in index order.
     pub queues: Vec<Queue>,
-    /// One notification eventfd per queue, signalled on `QueueNotify`.
-    pub queue_evts: Vec<EventFd>,
+    /// One notification eventfd per queue, signalled on `QueueNotify` (shared with the
+    /// transport, which registers it with KVM and drains it on reset).
+    pub queue_evts: Vec<Arc<EventFd>>,
     pub interrupt: Arc<Interrupt>,
     /// The features the driver accepted.
     pub features: u64,

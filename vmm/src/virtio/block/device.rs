@@ -1,5 +1,6 @@
 //! The virtio-blk device model: feature bits and configuration space derived from the block
-//! device's [`Capabilities`](vdisk_formats::Capabilities), and activation into an I/O thread.
+//! device's [`Capabilities`](vdisk_formats::Capabilities), and an I/O thread that serves the
+//! queue from activation to reset.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -7,9 +8,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
+use std::sync::Arc;
+
 use super::request::{Disk, MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS, SECTOR_SIZE};
 use super::worker::Worker;
 use crate::error::{Error, Result};
+use crate::seccomp::ThreadFilter;
 use crate::virtio::{Activation, VirtioDevice};
 
 /// virtio device id of a block device (5.2.1).
@@ -23,16 +27,19 @@ const CONFIG_LEN: usize = 60;
 /// A virtio-blk device on one [`Disk`].
 #[derive(Debug)]
 pub struct Block {
-    disk: Disk,
-    name: String,
     features: u64,
     config: [u8; CONFIG_LEN],
-    worker: Option<Worker>,
+    worker: Worker,
 }
 
 impl Block {
-    /// `name` names the I/O thread.
-    pub fn new(disk: Disk, name: impl Into<String>) -> Self {
+    /// Makes the device and starts its idle I/O thread, named `name` and confined to
+    /// `io_filter` when given.
+    pub fn new(
+        disk: Disk,
+        name: impl Into<String>,
+        io_filter: Option<Arc<ThreadFilter>>,
+    ) -> Result<Self> {
         let caps = disk.dev.capabilities();
         let blk_size = match caps.min_block {
             n if n.is_power_of_two() && (512..=4096).contains(&n) => n,
@@ -62,13 +69,11 @@ impl Block {
         put(48, &MAX_DWZ_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
         put(52, &(MAX_DWZ_SEGMENTS as u32).to_le_bytes()); // max_write_zeroes_seg
         put(56, &[1]); // write_zeroes_may_unmap
-        Block {
-            disk,
-            name: name.into(),
+        Ok(Block {
             features,
             config,
-            worker: None,
-        }
+            worker: Worker::spawn(name.into(), disk, io_filter)?,
+        })
     }
 }
 
@@ -110,19 +115,11 @@ impl VirtioDevice for Block {
                 "virtio-blk activated without its queue".into(),
             ));
         };
-        self.worker = Some(Worker::spawn(
-            self.name.clone(),
-            queue,
-            notify,
-            mem,
-            self.disk.clone(),
-            interrupt,
-        )?);
-        Ok(())
+        self.worker.start(queue, notify, mem, interrupt)
     }
 
     fn reset(&mut self) {
-        // Dropping the worker stops and joins the I/O thread; requests in flight complete first.
-        self.worker = None;
+        // Requests in flight complete first.
+        self.worker.stop();
     }
 }

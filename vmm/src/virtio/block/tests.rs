@@ -210,7 +210,7 @@ fn read_only_disk_refuses_writes_and_offers_ro() {
     dwz_segment(&rig, 0, 1, 0);
     assert_eq!(rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, 0).1, IOERR);
     assert_eq!(rig.dev.contents(), before);
-    let features = Block::new(rig.disk.clone(), "t").features();
+    let features = Block::new(rig.disk.clone(), "t", None).unwrap().features();
     assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
 }
@@ -310,7 +310,7 @@ fn descriptor_loop_terminates() {
 #[test]
 fn config_space_describes_the_disk() {
     let rig = Rig::new(false);
-    let block = Block::new(rig.disk.clone(), "t");
+    let block = Block::new(rig.disk.clone(), "t", None).unwrap();
     let mut cap = [0u8; 8];
     block.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 128);
@@ -351,18 +351,13 @@ fn worker_thread_serves_notifications_and_raises_the_interrupt() {
     ];
     vq.add_desc_chains(&raw, 0).unwrap();
     let queue: Queue = vq.create_queue().unwrap();
-    let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let notify = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     let irq = EventFd::new(0).unwrap();
     let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-    let worker = Worker::spawn(
-        "test-blk".into(),
-        queue,
-        notify.try_clone().unwrap(),
-        mem.clone(),
-        rig.disk.clone(),
-        interrupt.clone(),
-    )
-    .unwrap();
+    let worker = Worker::spawn("test-blk".into(), rig.disk.clone(), None).unwrap();
+    worker
+        .start(queue, notify.clone(), mem.clone(), interrupt.clone())
+        .unwrap();
     notify.write(1).unwrap();
     assert_eq!(irq.read().unwrap(), 1, "blocks until the interrupt");
     assert_eq!(interrupt.status(), crate::virtio::INT_VRING);

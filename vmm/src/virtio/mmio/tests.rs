@@ -16,7 +16,7 @@ use crate::virtio::block::{Block, Disk};
 
 fn transport(mem: &Arc<GuestMemoryMmap>) -> (MmioTransport, EventFd) {
     let dev = Arc::new(MemDev::new(8192));
-    let block = Block::new(Disk::new(dev, false, "t"), "test-blk");
+    let block = Block::new(Disk::new(dev, false, "t"), "test-blk", None).unwrap();
     let irq = EventFd::new(0).unwrap();
     let t = MmioTransport::new(Box::new(block), mem.clone(), irq.try_clone().unwrap()).unwrap();
     (t, irq)
