@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use vdisk_formats::chain::MAX_CHAIN_DEPTH;
-use vdisk_formats::qcow2::header::{MAX_BACKING_FORMAT_NAME, MAX_HEADER_EXTENSIONS};
+use vdisk_formats::qcow2::header::{
+    MAX_BACKING_FORMAT_NAME, MAX_BACKING_NAME, MAX_HEADER_EXTENSIONS,
+};
 use vdisk_formats::{CreateOptions, Format, OpenOptions};
 
 /// Offset of the feature name table extension in a qemu-img 10 image (header length 112).
@@ -190,6 +192,15 @@ const CASES: &[Case] = &[
         patch: |b| {
             put32(b, FEATURE_TABLE, 0xe279_2aca);
             put32(b, FEATURE_TABLE + 4, MAX_BACKING_FORMAT_NAME as u32 + 1);
+        },
+        format: None,
+    },
+    Case {
+        name: "backing file name of 1024 bytes",
+        needles: &["Backing file name too long (1024 bytes, at most 1023)"],
+        patch: |b| {
+            put64(b, 8, 0x1000);
+            put32(b, 16, MAX_BACKING_NAME + 1);
         },
         format: None,
     },
