@@ -32,6 +32,8 @@ pub use image::{
     create, open, open_with_secret, probe, resize, CreateOptions, Format, OpenOptions,
     Preallocation,
 };
-pub use info::{BackingInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info, SnapshotInfo};
+pub use info::{
+    BackingInfo, BitmapInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info, SnapshotInfo,
+};
 pub use info::{Luks2Info, Luks2KeyslotInfo, LuksInfo, LuksSlotInfo};
 pub use luks::Passphrase;

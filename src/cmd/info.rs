@@ -349,6 +349,9 @@ fn specific_json(s: &FormatSpecific) -> Value {
             if let Some(l) = q.lazy_refcounts {
                 d.insert("lazy-refcounts".into(), json!(l));
             }
+            if let Some(b) = &q.bitmaps {
+                d.insert("bitmaps".into(), b.iter().map(bitmap_json).collect());
+            }
             d.insert("refcount-bits".into(), json!(q.refcount_bits));
             if let Some(c) = q.corrupt {
                 d.insert("corrupt".into(), json!(c));
@@ -360,6 +363,18 @@ fn specific_json(s: &FormatSpecific) -> Value {
         }
         FormatSpecific::Luks(l) => json!({"type": "luks", "data": luks_json(l)}),
     }
+}
+
+/// One entry of `bitmaps`: flags (`in-use` before `auto`), name, granularity.
+fn bitmap_json(b: &vdisk_formats::BitmapInfo) -> Value {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.auto {
+        flags.push("auto");
+    }
+    json!({"flags": flags, "name": b.name, "granularity": b.granularity})
 }
 
 /// LUKS data with qemu-img's keys in its order (LUKS2 images add a `luks2` object).

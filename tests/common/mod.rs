@@ -33,12 +33,26 @@ impl Outcome {
             .split_inclusive('\n')
             .filter(|l| !l.starts_with("hint: "))
             .collect();
-        without_hints
+        without_node_numbers(&without_hints)
             .replace("qemu-img: ", "PROG: ")
             .replace("vdisk: ", "PROG: ")
             .replace("'qemu-img ", "'PROG ")
             .replace("'vdisk ", "'PROG ")
     }
+}
+
+/// The text with QEMU's anonymous node names (`#block123`, numbered as nodes are made) as
+/// `#blockN`.
+fn without_node_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("#block") {
+        out.push_str(&rest[..at]);
+        out.push_str("#blockN");
+        rest = rest[at + 6..].trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
 }
 
 fn run(cmd: &mut Command) -> Outcome {

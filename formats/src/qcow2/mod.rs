@@ -24,6 +24,7 @@
 //! (crypt.rs). Images with an external data file are read-only.
 
 pub mod amend;
+pub mod bitmaps;
 pub mod check;
 pub mod compressed;
 mod create;
@@ -41,7 +42,7 @@ mod subcluster;
 mod write;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use compressed::CompressionType;
@@ -164,6 +165,10 @@ pub struct Qcow2 {
     data_file: Option<HostFile>,
     /// The unlocked LUKS header of an encrypted image.
     crypt: Option<Crypt>,
+    /// Persistent dirty bitmaps (bitmaps/); lock before `meta`.
+    bitmaps: Mutex<bitmaps::BitmapSet>,
+    /// Some bitmap records writes (a read-write open of an image with enabled bitmaps).
+    tracking_bitmaps: AtomicBool,
 }
 
 impl Qcow2 {
@@ -311,6 +316,7 @@ impl Qcow2 {
             _ => None,
         };
         let data_file = open_data_file(path, &header, policy)?;
+        let bitmap_set = bitmaps::BitmapSet::load(&file, &header)?;
         let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
         let img = Qcow2 {
             file,
@@ -335,9 +341,12 @@ impl Qcow2 {
             last_compressed: Mutex::new(None),
             data_file,
             crypt,
+            bitmaps: Mutex::new(bitmap_set),
+            tracking_bitmaps: AtomicBool::new(false),
         };
         if !read_only {
             img.clear_autoclear_bits()?;
+            img.start_tracking_bitmaps()?;
         }
         Ok(img)
     }
@@ -346,11 +355,17 @@ impl Qcow2 {
         self.file.path()
     }
 
-    /// A writer that does not maintain the autoclear features must clear them (qcow2.rst).
+    /// A writer that does not maintain the autoclear features must clear them (qcow2.rst);
+    /// vdisk maintains the bitmaps one (bitmaps/).
     fn clear_autoclear_bits(&self) -> Result<()> {
+        let keep = if self.bitmaps.lock().unwrap().is_empty() {
+            0
+        } else {
+            header::autoclear::BITMAPS
+        };
         let mut meta = self.meta.lock().unwrap();
-        if meta.header.autoclear_features != 0 {
-            meta.header.autoclear_features = 0;
+        if meta.header.autoclear_features & !keep != 0 {
+            meta.header.autoclear_features &= keep;
             self.write_header(&meta.header)?;
         }
         Ok(())
@@ -523,6 +538,7 @@ impl BlockDev for Qcow2 {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_range(self.path(), offset, buf.len() as u64, self.geo.size)?;
+        self.mark_dirty(offset, buf.len() as u64);
         let _rmw = self.write_guard(offset, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
@@ -546,12 +562,14 @@ impl BlockDev for Qcow2 {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_writable()?;
         check_range(self.path(), offset, len, self.geo.size)?;
+        self.mark_dirty(offset, len);
         self.zero_range(offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(self.path(), offset, len, self.geo.size)?;
+        self.mark_dirty(offset, len);
         self.discard_range(offset, len)
     }
 
@@ -609,6 +627,7 @@ impl BlockDev for Qcow2 {
             )));
         }
         check_range(self.path(), offset, 1, self.geo.size)?;
+        self.mark_dirty(offset, cs);
         self.store_compressed(offset, compressed)
     }
 
@@ -632,6 +651,7 @@ impl BlockDev for Qcow2 {
             ),
             lazy_refcounts: v3
                 .then_some(h.compatible_features & header::compat::LAZY_REFCOUNTS != 0),
+            bitmaps: Some(self.bitmap_infos()).filter(|b| !b.is_empty()),
             refcount_bits: h.refcount_bits(),
             corrupt: v3.then_some(h.incompatible_features & incompat::CORRUPT != 0),
             extended_l2: v3.then_some(h.extended_l2()),
