@@ -67,6 +67,7 @@ enum Command {
     Commit(cmd::commit::Args),
     Rebase(cmd::rebase::Args),
     Amend(cmd::amend::Args),
+    Bitmap(cmd::bitmap::Args),
 }
 
 fn main() -> ExitCode {
@@ -137,6 +138,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => cmd::commit::run(args),
         Command::Rebase(args) => cmd::rebase::run(args),
         Command::Amend(args) => cmd::amend::run(args),
+        Command::Bitmap(args) => cmd::bitmap::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

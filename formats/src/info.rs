@@ -80,6 +80,9 @@ pub struct Qcow2Info {
     /// `zlib` or `zstd` (v3 only).
     pub compression_type: Option<String>,
     pub lazy_refcounts: Option<bool>,
+    /// The persistent dirty bitmaps; `None` when the image has none (qemu-img then omits
+    /// `bitmaps`).
+    pub bitmaps: Option<Vec<BitmapInfo>>,
     pub refcount_bits: u32,
     pub corrupt: Option<bool>,
     pub extended_l2: Option<bool>,
@@ -87,6 +90,18 @@ pub struct Qcow2Info {
     /// `encrypt`, after `refcount-bits`, with the keys of a LUKS image's data plus `"format":
     /// "luks"` (after `uuid`).
     pub encrypt: Option<Box<LuksInfo>>,
+}
+
+/// One persistent dirty bitmap of a qcow2 image, as `info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    /// Guest bytes per bit.
+    pub granularity: u64,
+    /// Marked in use on disk by a writer that did not close it: inconsistent.
+    pub in_use: bool,
+    /// Enabled: records writes.
+    pub auto: bool,
 }
 
 /// `format-specific.data` of a LUKS image. qemu-img prints the first fields with these keys:

@@ -3,6 +3,7 @@
 
 pub mod amend;
 pub mod bench;
+pub mod bitmap;
 pub mod boot;
 pub mod check;
 pub mod commit;

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use super::bitmaps::BitmapsExt;
 use super::Fail;
 use crate::error::Result;
 use crate::host_file::HostFile;
+use crate::qcow2::bitmaps::directory::BitmapsExt;
 use crate::qcow2::header::{self, Header};
 use crate::qcow2::lru::Lru;
 use crate::qcow2::refcount::{get_entry, set_entry};
