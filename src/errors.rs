@@ -96,9 +96,14 @@ pub fn hint(message: &str) -> Option<&'static str> {
             "only qcow2 images have metadata to check; `vdisk compare` checks contents",
         ),
         (
-            "needs a passphrase",
+            "Parameter 'key-secret' is required for cipher",
             "give it with --object secret,id=s0,data=PASSPHRASE and \
              --image-opts driver=luks,key-secret=s0,file.filename=FILE",
+        ),
+        (
+            "Parameter 'encrypt.key-secret' is required for cipher",
+            "name a secret: --object secret,id=s0,data=PASSPHRASE, then -o encrypt.key-secret=s0 \
+             to create, or --image-opts driver=qcow2,encrypt.key-secret=s0,file.filename=FILE",
         ),
         (
             "Invalid password",

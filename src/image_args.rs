@@ -150,12 +150,16 @@ impl ImageRef {
             no_backing,
             backing_policy: crate::backing_policy::get(),
         };
-        vdisk_formats::open_with_secret(&self.path, opts, self.secret.as_ref()).map_err(|e| {
-            // Some messages name the file themselves; the phrase around them names it already.
-            let why = describe(&e);
-            let prefix = format!("{}: ", self.path.display());
-            self.could_not_open(why.strip_prefix(&prefix).unwrap_or(&why))
-        })
+        vdisk_formats::open_with_secret(&self.path, opts, self.secret.as_ref())
+            .map_err(|e| self.open_error(&e))
+    }
+
+    /// `Could not open 'FILE': WHY` for an error of opening this image.
+    pub fn open_error(&self, e: &vdisk_formats::Error) -> anyhow::Error {
+        // Some messages name the file themselves; the phrase around them names it already.
+        let why = describe(e);
+        let prefix = format!("{}: ", self.path.display());
+        self.could_not_open(why.strip_prefix(&prefix).unwrap_or(&why))
     }
 
     /// The format asked for, or the probed one. Opening a probed raw image for writing prints

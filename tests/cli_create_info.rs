@@ -636,6 +636,160 @@ fn backing_files_luks_and_objects_behave_like_qemu() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// info of encrypted images: described from the header, with no secret (qemu-img opens them with
+// BDRV_O_NO_IO)
+
+#[test]
+fn encrypted_images_are_described_without_their_secret_as_qemu_does() {
+    let dir = temp_dir();
+    let luks = path_in(&dir, "a.luks");
+    let essiv = path_in(&dir, "essiv.luks");
+    let enc = path_in(&dir, "enc.qcow2");
+    let secret = ["--object", "secret,id=s0,data=x"];
+    // The default LUKS1 image of qemu-img (iter-time 2 s), and two more layouts quickly.
+    let args = [
+        &["create", "-q", "-f", "luks"],
+        &secret[..],
+        &["-o", "key-secret=s0"],
+    ];
+    qemu_img([&args.concat()[..], &[s(&luks), "16M"]].concat()).ok();
+    let create = |fmt: &str, opts: &str, path: &Path| {
+        let args = [
+            &["create", "-q", "-f", fmt],
+            &secret[..],
+            &["-o", opts, s(path), "16M"],
+        ];
+        qemu_img(args.concat()).ok();
+    };
+    create(
+        "luks",
+        "key-secret=s0,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1",
+        &essiv,
+    );
+    create(
+        "qcow2",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        &enc,
+    );
+    for path in [&luks, &essiv, &enc] {
+        assert_info_same(path);
+    }
+    // A named secret is not looked up, let alone checked: an unknown id or a wrong passphrase
+    // changes nothing but the image's name.
+    for driver in [
+        "driver=luks,key-secret=s0",
+        "driver=qcow2,encrypt.key-secret=s0",
+    ] {
+        let file = if driver.contains("qcow2") {
+            &enc
+        } else {
+            &luks
+        };
+        let opts = format!("{driver},file.filename={}", s(file));
+        assert_same(&["info", "--image-opts", &opts]);
+        assert_same(&[
+            "info",
+            "--output=json",
+            "--object",
+            "secret,id=s0,data=wrong",
+            "--image-opts",
+            &opts,
+        ]);
+    }
+    // Commands that read data still need the secret, with qemu-img's message and exit code.
+    for file in [&luks, &enc] {
+        for cmd in [
+            &["map"][..],
+            &["check"],
+            &["measure", "-O", "qcow2"],
+            &["compare"],
+        ] {
+            let mut args = cmd.to_vec();
+            args.push(s(file));
+            if cmd[0] == "compare" {
+                args.push(s(file));
+            }
+            let (ours, _) = both(&args);
+            assert_ne!(ours.code, Some(0), "{args:?}");
+            assert_same(&args);
+        }
+    }
+}
+
+#[test]
+fn luks2_images_are_described_without_their_secret_as_cryptsetup_dumps_them() {
+    let dir = temp_dir();
+    let img = path_in(&dir, "c2.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    let mut format = Command::new("cryptsetup");
+    format.args(["luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2"]);
+    format.args([
+        "--pbkdf-force-iterations",
+        "1000",
+        "--sector-size",
+        "4096",
+        "--label",
+        "lbl",
+    ]);
+    format.args(["-q", "--key-file=-", s(&img)]);
+    let mut child = format.stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"pw").unwrap();
+    assert!(child.wait().unwrap().success());
+    let dump = Command::new("cryptsetup")
+        .args(["luksDump", "--dump-json-metadata", s(&img)])
+        .output()
+        .unwrap();
+    let theirs: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let uuid = Command::new("cryptsetup")
+        .args(["luksUUID", s(&img)])
+        .output()
+        .unwrap();
+    let ours = json(&vdisk(["info", "--output=json", s(&img)]).ok());
+    let d = &ours["format-specific"]["data"];
+    let seg = &theirs["segments"]["0"];
+    let slot = &theirs["keyslots"]["0"];
+    assert_eq!(ours["virtual-size"], 4 << 20);
+    assert_eq!(d["uuid"], String::from_utf8_lossy(&uuid.stdout).trim());
+    assert_eq!(
+        d["payload-offset"].to_string(),
+        seg["offset"].as_str().unwrap()
+    );
+    assert_eq!(
+        format!(
+            "{}-{}-plain64",
+            d["cipher-alg"].as_str().unwrap().replace("-256", ""),
+            d["cipher-mode"].as_str().unwrap()
+        ),
+        seg["encryption"]
+    );
+    assert_eq!(d["hash-alg"], theirs["digests"]["0"]["hash"]);
+    assert_eq!(d["master-key-iters"], theirs["digests"]["0"]["iterations"]);
+    let v2 = &d["luks2"];
+    assert_eq!(v2["sector-size"], seg["sector_size"]);
+    assert_eq!(v2["label"], "lbl");
+    assert_eq!(
+        v2["keyslots-size"].to_string(),
+        theirs["config"]["keyslots_size"].as_str().unwrap()
+    );
+    let k = &v2["keyslots"][0];
+    assert_eq!(k["kdf"], slot["kdf"]["type"]);
+    assert_eq!(k["iterations"], slot["kdf"]["iterations"]);
+    assert_eq!(k["key-size"], slot["key_size"]);
+    assert_eq!(
+        k["area-offset"].to_string(),
+        slot["area"]["offset"].as_str().unwrap()
+    );
+    assert_eq!(k["area-encryption"], slot["area"]["encryption"]);
+    // The human layout shows the same fields.
+    let human = vdisk(["info", s(&img)]).ok().stdout;
+    assert!(human.contains("encrypted: yes\n"), "{human}");
+    assert!(human.contains("        sector size: 4096\n"), "{human}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // info errors
 
 #[test]

@@ -29,7 +29,7 @@ pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use chain::BackingPolicy;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    create, open, open_with_secret, probe, resize, CreateOptions, Format, OpenOptions,
+    create, describe, open, open_with_secret, probe, resize, CreateOptions, Format, OpenOptions,
     Preallocation,
 };
 pub use info::{

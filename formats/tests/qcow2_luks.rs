@@ -427,6 +427,8 @@ fn the_header_goes_where_qemu_puts_it_and_info_agrees() {
         // No host offsets for encrypted data (qemu-img map shows none either).
         let ext = dev.extent(0, dev.size()).unwrap();
         assert_eq!(ext.host_offset, None);
+        // Described from the header alone, with no passphrase, it is the same.
+        assert_eq!(vdisk_formats::describe(path, None).unwrap(), info);
     }
 }
 
@@ -622,6 +624,21 @@ fn wrong_or_missing_passphrases_are_refused_clearly() {
             "{err}"
         );
     }
+    // Opened for its metadata only, the image describes itself but its data cannot be read.
+    let dev = vdisk_open(&path, false);
+    dev.write_at(&pattern(4096, 9), 8192).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    let meta = Qcow2::open_metadata(&path).unwrap();
+    assert!(meta.is_encrypted());
+    assert!(meta.encryption_info().is_some());
+    let err = meta.read_at(&mut [0u8; 512], 8192).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(
+        err.to_string()
+            .ends_with("Parameter 'encrypt.key-secret' is required for cipher"),
+        "{err}"
+    );
     // qemu agrees about the wrong passphrase.
     let out = run(qemu_img()
         .arg("convert")

@@ -78,7 +78,18 @@ pub fn run(args: Args) -> Result<()> {
     if repair.is_some() && args.image.force_share {
         return Err(image.could_not_open("force-share=on can only be used with read-only images"));
     }
-    if image.format_or_probe(repair.is_none())? != Format::Qcow2 {
+    let format = image.format_or_probe(repair.is_none())?;
+    // qemu-img opens the image before checking it: an encrypted one needs its secret.
+    let encrypted = match format {
+        Format::Luks => true,
+        Format::Qcow2 => vdisk_formats::describe(&image.path, Some(format))
+            .is_ok_and(|info| info.encrypted == Some(true)),
+        Format::Raw => false,
+    };
+    if encrypted {
+        image.open_as(format, true, true)?;
+    }
+    if format != Format::Qcow2 {
         return Err(Exit::with(63, "This image format does not support checks"));
     }
     let report =

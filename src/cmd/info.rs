@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
-use vdisk_formats::{Format, FormatSpecific, NodeInfo, OpenOptions};
+use vdisk_formats::{Format, FormatSpecific, NodeInfo};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::ImageOpts;
+use crate::image_args::{ImageOpts, ImageRef};
+use crate::objects::Objects;
 use crate::output::{human_size, qemu_json};
 
 /// Display information about an image.
@@ -65,11 +66,14 @@ pub fn run(args: Args) -> Result<()> {
     let (Some(file), true) = (args.filename.clone(), args.extra.is_empty()) else {
         return Err(UsageError::error("info", "Expecting one image file name"));
     };
-    let image = args.image.image(&file)?;
-    let mut top = image
-        .open_as(image.format_or_probe(true)?, true, true)?
-        .info()
-        .map_err(|e| anyhow!(describe(&e)))?;
+    // As qemu-img (which opens images for `info` with BDRV_O_NO_IO), an encrypted image is
+    // described from its header: its secret is neither needed nor looked up.
+    Objects::parse(&args.image.object)?;
+    let opts = &args.image;
+    let image = ImageRef::parse(&file, opts.format.as_deref(), opts.image_opts)?;
+    let format = image.format_or_probe(true)?;
+    let mut top =
+        vdisk_formats::describe(&image.path, Some(format)).map_err(|e| image.open_error(&e))?;
     if let Some(name) = &image.json_name {
         top.filename = name.clone();
     }
@@ -92,7 +96,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Opens one image (read-only, backing file closed) and describes it.
+/// Describes one image from its metadata (backing file closed, no secret needed).
 fn node_info(file: &Path, format: Option<&str>) -> Result<NodeInfo> {
     let could_not_open = |why: String| anyhow!("Could not open '{}': {why}", file.display());
     let format = format
@@ -100,14 +104,7 @@ fn node_info(file: &Path, format: Option<&str>) -> Result<NodeInfo> {
             Format::from_name(name).map_err(|_| could_not_open(format!("Unknown driver '{name}'")))
         })
         .transpose()?;
-    let opts = OpenOptions {
-        format,
-        read_only: true,
-        no_backing: true,
-        backing_policy: crate::backing_policy::get(),
-    };
-    let dev = vdisk_formats::open(file, opts).map_err(|e| could_not_open(describe(&e)))?;
-    dev.info().map_err(|e| anyhow!(describe(&e)))
+    vdisk_formats::describe(file, format).map_err(|e| could_not_open(describe(&e)))
 }
 
 /// The image and every image below it, top first; each backing file is opened by the name and
@@ -213,39 +210,17 @@ fn dump_children(out: &mut String, info: &NodeInfo, parent: &str, depth: usize) 
     }
 }
 
-/// `Format specific information:` with one `key: value` line per field (nothing for a plain
-/// file, whose details are empty).
+/// `Format specific information:` with one `key: value` line per field of the format's data
+/// (nothing for a plain file, whose details are empty).
 fn dump_specific(out: &mut String, info: &NodeInfo, depth: usize) {
-    if let Some(FormatSpecific::Luks(l)) = &info.format_specific {
-        out.push_str(&format!(
-            "{}Format specific information:\n",
-            "    ".repeat(depth)
-        ));
-        dump_value(out, &luks_json(l), depth + 1);
-        return;
-    }
-    let Some(FormatSpecific::Qcow2(q)) = &info.format_specific else {
+    let Some(data) = info.format_specific.as_ref().and_then(specific_data) else {
         return;
     };
-    let pad = "    ".repeat(depth);
-    out.push_str(&format!("{pad}Format specific information:\n"));
-    let mut field = |key: &str, value: String| {
-        out.push_str(&format!("{pad}    {key}: {value}\n"));
-    };
-    field("compat", q.compat.clone());
-    if let Some(c) = &q.compression_type {
-        field("compression type", c.clone());
-    }
-    if let Some(l) = q.lazy_refcounts {
-        field("lazy refcounts", l.to_string());
-    }
-    field("refcount bits", q.refcount_bits.to_string());
-    if let Some(c) = q.corrupt {
-        field("corrupt", c.to_string());
-    }
-    if let Some(e) = q.extended_l2 {
-        field("extended l2", e.to_string());
-    }
+    out.push_str(&format!(
+        "{}Format specific information:\n",
+        "    ".repeat(depth)
+    ));
+    dump_value(out, &data, depth + 1);
 }
 
 /// A format-specific object in qemu's human layout: `key name: value` lines (dashes in keys
@@ -338,8 +313,18 @@ fn snapshot_json(s: &vdisk_formats::SnapshotInfo) -> Value {
 }
 
 fn specific_json(s: &FormatSpecific) -> Value {
+    match (s, specific_data(s)) {
+        (FormatSpecific::Qcow2(_), Some(d)) => json!({"type": "qcow2", "data": d}),
+        (FormatSpecific::Luks(_), Some(d)) => json!({"type": "luks", "data": d}),
+        _ => json!({"type": "file", "data": {}}),
+    }
+}
+
+/// The `data` of `format-specific`, keys in qemu-img's order (also the order of its human
+/// layout); `None` for a plain file.
+fn specific_data(s: &FormatSpecific) -> Option<Value> {
     match s {
-        FormatSpecific::File => json!({"type": "file", "data": {}}),
+        FormatSpecific::File => None,
         FormatSpecific::Qcow2(q) => {
             let mut d = Map::new();
             d.insert("compat".into(), json!(q.compat));
@@ -353,15 +338,18 @@ fn specific_json(s: &FormatSpecific) -> Value {
                 d.insert("bitmaps".into(), b.iter().map(bitmap_json).collect());
             }
             d.insert("refcount-bits".into(), json!(q.refcount_bits));
+            if let Some(l) = &q.encrypt {
+                d.insert("encrypt".into(), luks_json(l, Some("luks")));
+            }
             if let Some(c) = q.corrupt {
                 d.insert("corrupt".into(), json!(c));
             }
             if let Some(e) = q.extended_l2 {
                 d.insert("extended-l2".into(), json!(e));
             }
-            json!({"type": "qcow2", "data": Value::Object(d)})
+            Some(Value::Object(d))
         }
-        FormatSpecific::Luks(l) => json!({"type": "luks", "data": luks_json(l)}),
+        FormatSpecific::Luks(l) => Some(luks_json(l, None)),
     }
 }
 
@@ -377,14 +365,18 @@ fn bitmap_json(b: &vdisk_formats::BitmapInfo) -> Value {
     json!({"flags": flags, "name": b.name, "granularity": b.granularity})
 }
 
-/// LUKS data with qemu-img's keys in its order (LUKS2 images add a `luks2` object).
-fn luks_json(l: &vdisk_formats::LuksInfo) -> Value {
+/// LUKS data with qemu-img's keys in its order (LUKS2 images add a `luks2` object). qcow2's
+/// `encrypt` object is the same with the encryption `format` after `uuid`.
+fn luks_json(l: &vdisk_formats::LuksInfo, format: Option<&str>) -> Value {
     let mut d = Map::new();
     d.insert("ivgen-alg".into(), json!(l.ivgen_alg));
     d.insert("detached-header".into(), json!(l.detached_header));
     d.insert("hash-alg".into(), json!(l.hash_alg));
     d.insert("cipher-alg".into(), json!(l.cipher_alg));
     d.insert("uuid".into(), json!(l.uuid));
+    if let Some(f) = format {
+        d.insert("format".into(), json!(f));
+    }
     if let Some(h) = &l.ivgen_hash_alg {
         d.insert("ivgen-hash-alg".into(), json!(h));
     }

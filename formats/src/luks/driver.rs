@@ -15,11 +15,11 @@ use std::sync::{Arc, RwLock};
 
 use super::options::LuksCreateOptions;
 use super::volume::LuksVolume;
-use super::{DevRange, HeaderIo, LuksAmend, Passphrase};
+use super::{DevRange, HeaderIo, LuksAmend, LuksMetadata, Passphrase};
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
-use crate::info::{file_node, ChildInfo, FormatSpecific, NodeInfo};
+use crate::info::{file_node, ChildInfo, FormatSpecific, LuksInfo, NodeInfo};
 use crate::raw::Raw;
 
 /// Most bytes encrypted into one scratch buffer per write step.
@@ -64,6 +64,16 @@ impl Luks {
             read_only,
             rmw: RwLock::new(()),
         })
+    }
+
+    /// Describes the LUKS image in the file at `path` as `info` does, from its header alone: no
+    /// passphrase, no key derivation (QEMU's `BDRV_O_NO_IO` open).
+    pub fn describe(path: &Path) -> Result<NodeInfo> {
+        let data: Arc<dyn BlockDev> = Arc::new(Raw::open(path, true)?);
+        let len = data.size();
+        let meta = LuksMetadata::read(&DevRange::new(data.clone(), 0, len, path))?;
+        let size = meta.data_size(len)?;
+        node_info(path, &*data, size, meta.info())
     }
 
     /// Creates a LUKS image of `opts.size` bytes at `path` (an existing file is replaced): the
@@ -288,41 +298,46 @@ impl BlockDev for Luks {
     }
 
     fn info(&self) -> Result<NodeInfo> {
-        let below = self.data.info()?;
-        // Over a raw file, qemu-img shows the file itself as the child.
-        let file = match below.format.as_str() {
-            "raw" => below
-                .children
-                .into_iter()
-                .find(|c| c.name == "file")
-                .map(|c| c.info),
-            _ => Some(below),
-        };
-        let file = match file {
-            Some(f) => f,
-            None => {
-                let f = std::fs::File::open(&self.path)
-                    .map_err(|e| Error::io(&self.path, "cannot open file", e))?;
-                file_node(&self.path, &f)?
-            }
-        };
-        // Struct update from the file node: fields LUKS has no use for keep their empty values.
-        let base = file.clone();
-        Ok(NodeInfo {
-            filename: self.path.display().to_string(),
-            format: "luks".to_string(),
-            virtual_size: self.size,
-            actual_size: file.actual_size,
-            cluster_size: None,
-            dirty_flag: false,
-            encrypted: Some(true),
-            backing: None,
-            format_specific: Some(FormatSpecific::Luks(Box::new(self.volume.info()))),
-            children: vec![ChildInfo {
-                name: "file".to_string(),
-                info: file,
-            }],
-            ..base
-        })
+        node_info(&self.path, &*self.data, self.size, self.volume.info())
     }
+}
+
+/// The `info` node of a LUKS image of `size` bytes stored in `data`, described by `luks`.
+fn node_info(path: &Path, data: &dyn BlockDev, size: u64, luks: LuksInfo) -> Result<NodeInfo> {
+    let below = data.info()?;
+    // Over a raw file, qemu-img shows the file itself as the child.
+    let file = match below.format.as_str() {
+        "raw" => below
+            .children
+            .into_iter()
+            .find(|c| c.name == "file")
+            .map(|c| c.info),
+        _ => Some(below),
+    };
+    let file = match file {
+        Some(f) => f,
+        None => {
+            let f =
+                std::fs::File::open(path).map_err(|e| Error::io(path, "cannot open file", e))?;
+            file_node(path, &f)?
+        }
+    };
+    // Struct update from the file node: fields LUKS has no use for keep their empty values.
+    let base = file.clone();
+    Ok(NodeInfo {
+        filename: path.display().to_string(),
+        format: "luks".to_string(),
+        virtual_size: size,
+        actual_size: file.actual_size,
+        cluster_size: None,
+        dirty_flag: false,
+        encrypted: Some(true),
+        backing: None,
+        format_specific: Some(FormatSpecific::Luks(Box::new(luks))),
+        children: vec![ChildInfo {
+            name: "file".to_string(),
+            info: file,
+        }],
+        ..base
+    })
 }

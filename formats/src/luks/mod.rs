@@ -4,6 +4,7 @@
 //!   Luks (driver.rs, BlockDev) ──data I/O at payload offset──> Arc<dyn BlockDev> (raw file)
 //!     │
 //!     └─ LuksVolume (volume.rs): an unlocked header, its cipher, key slot management
+//!          ├─ LuksMetadata (metadata.rs): the header read without a key (layout, `info`)
 //!          ├─ luks1.rs: the 592-byte header, 8 key slots
 //!          └─ luks2/: two binary headers (header.rs) + JSON metadata (json.rs)
 //!               both use keyslot.rs ─ kdf.rs (PBKDF2, Argon2) ─ af_split.rs ─ cipher.rs (AES)
@@ -25,6 +26,7 @@ pub mod kdf;
 pub mod keyslot;
 pub mod luks1;
 pub mod luks2;
+mod metadata;
 mod options;
 mod volume;
 
@@ -37,6 +39,7 @@ use crate::block::BlockDev;
 use crate::error::{Error, Result};
 
 pub use driver::Luks;
+pub use metadata::LuksMetadata;
 pub use options::{
     amend_options_help, create_options_help, KeyslotState, LuksAmend, LuksCreateOptions,
     LuksVersion,
@@ -144,6 +147,16 @@ impl HeaderIo for DevRange {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The error of a LUKS image opened without a passphrase, in QEMU's words.
+pub fn secret_required(path: &Path) -> Error {
+    Error::InvalidArgument {
+        what: format!(
+            "{}: Parameter 'key-secret' is required for cipher",
+            path.display()
+        ),
     }
 }
 

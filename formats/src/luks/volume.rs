@@ -8,18 +8,14 @@ use zeroize::Zeroizing;
 use super::cipher::{SectorCipher, IV_UNIT};
 use super::kdf::{self, Kdf};
 use super::luks1;
-use super::luks2::{self, json::SegmentSize, Luks2};
+use super::luks2::{self, Luks2};
+use super::metadata::{header_info, read_header, Header, Layout};
 use super::options::{
     KeyslotState, LuksAmend, LuksCreateOptions, LuksVersion, PbkdfKind, DEFAULT_ITER_TIME_MS,
 };
-use super::{new_uuid, random_bytes, HeaderIo, Passphrase, MAGIC};
+use super::{new_uuid, random_bytes, HeaderIo, Passphrase};
 use crate::error::{Error, Result};
-use crate::info::{Luks2Info, Luks2KeyslotInfo, LuksInfo, LuksSlotInfo};
-
-enum Header {
-    V1(luks1::Header),
-    V2(Luks2),
-}
+use crate::info::LuksInfo;
 
 struct State {
     header: Header,
@@ -34,21 +30,14 @@ pub struct LuksVolume {
     io: Arc<dyn HeaderIo>,
     state: Mutex<State>,
     cipher: SectorCipher,
-    version: LuksVersion,
-    payload_offset: u64,
-    sector_size: u32,
-    iv_tweak: u64,
-    /// LUKS2 segments of fixed size.
-    fixed_size: Option<u64>,
+    layout: Layout,
 }
 
 impl std::fmt::Debug for LuksVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LuksVolume")
-            .field("version", &self.version)
+            .field("layout", &self.layout)
             .field("cipher", &self.cipher)
-            .field("payload_offset", &self.payload_offset)
-            .field("sector_size", &self.sector_size)
             .finish_non_exhaustive()
     }
 }
@@ -62,69 +51,20 @@ fn wrong_passphrase(io: &dyn HeaderIo, note: &str) -> Error {
     }
 }
 
-/// The LUKS version of the header at the start of `io`.
-pub fn header_version(io: &dyn HeaderIo) -> Result<u16> {
-    let mut b = [0u8; 8];
-    if io.size() < 8 {
-        return Err(Error::invalid(
-            io.path(),
-            "file is too small for a LUKS header",
-        ));
-    }
-    io.read_at(&mut b, 0)?;
-    if &b[..6] != MAGIC {
-        // A damaged LUKS2 primary may still have a good secondary.
-        if luks2::header::find_secondary(io, None).is_some() {
-            return Ok(2);
-        }
-        return Err(Error::invalid(io.path(), "not a LUKS image (bad magic)"));
-    }
-    Ok(u16::from_be_bytes([b[6], b[7]]))
-}
-
 impl LuksVolume {
     /// Reads the header in `io` and unlocks it with `passphrase`. A wrong passphrase gives one
     /// `InvalidArgument` error, "Invalid password, cannot unlock any keyslot".
     pub fn open(io: Arc<dyn HeaderIo>, passphrase: &Passphrase) -> Result<LuksVolume> {
         let pw = passphrase.as_bytes();
-        match header_version(&*io)? {
-            1 => {
-                let h = luks1::Header::read(&*io)?;
-                let (key, _) = h
-                    .unlock(&*io, pw)?
-                    .ok_or_else(|| wrong_passphrase(&*io, ""))?;
-                Self::from_header(io, Header::V1(h), key)
-            }
-            2 => {
-                let h = Luks2::read(&*io)?;
-                if h.meta.keyslots.is_empty() {
-                    return Err(Error::invalid(io.path(), "LUKS2 image has no keyslots"));
-                }
-                let Some((key, _)) = h.unlock(&*io, pw)? else {
-                    let tokens: Vec<String> = h
-                        .meta
-                        .keyslots
-                        .keys()
-                        .flat_map(|&id| h.meta.tokens_for(id))
-                        .collect();
-                    let note = if tokens.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            " (some keyslots are bound to tokens of type {}, which vdisk cannot \
-                             use)",
-                            tokens.join(", ")
-                        )
-                    };
-                    return Err(wrong_passphrase(&*io, &note));
-                };
-                Self::from_header(io, Header::V2(h), key)
-            }
-            v => Err(Error::unsupported(
-                io.path(),
-                format!("LUKS version {v} is not supported"),
-            )),
-        }
+        let header = read_header(&*io)?;
+        let unlocked = match &header {
+            Header::V1(h) => h.unlock(&*io, pw)?.map(|(key, _)| key),
+            Header::V2(h) => h.unlock(&*io, pw)?.map(|(key, _)| key),
+        };
+        let Some(key) = unlocked else {
+            return Err(wrong_passphrase(&*io, &token_note(&header)));
+        };
+        Self::from_header(io, header, key)
     }
 
     fn from_header(
@@ -133,46 +73,14 @@ impl LuksVolume {
         volume_key: Zeroizing<Vec<u8>>,
     ) -> Result<LuksVolume> {
         let path = io.path().to_path_buf();
-        let (spec, version, payload_offset, sector_size, iv_tweak, fixed_size) = match &header {
-            Header::V1(h) => (
-                h.cipher,
-                LuksVersion::V1,
-                u64::from(h.payload_offset) * IV_UNIT as u64,
-                IV_UNIT as u32,
-                0,
-                None,
-            ),
-            Header::V2(h) => {
-                let seg = h.segment();
-                let spec = h
-                    .meta
-                    .segment_cipher(volume_key.len())
-                    .map_err(|e| Error::unsupported(&path, e))?;
-                let fixed = match seg.size {
-                    SegmentSize::Fixed(n) => Some(n),
-                    SegmentSize::Dynamic => None,
-                };
-                (
-                    spec,
-                    LuksVersion::V2,
-                    seg.offset.0,
-                    seg.sector_size,
-                    seg.iv_tweak.0,
-                    fixed,
-                )
-            }
-        };
-        let cipher =
-            SectorCipher::new(spec, &volume_key).map_err(|e| Error::unsupported(&path, e))?;
+        let layout = Layout::of(&path, &header)?;
+        let cipher = SectorCipher::new(layout.spec, &volume_key)
+            .map_err(|e| Error::unsupported(&path, e))?;
         Ok(LuksVolume {
             io,
             state: Mutex::new(State { header, volume_key }),
             cipher,
-            version,
-            payload_offset,
-            sector_size,
-            iv_tweak,
-            fixed_size,
+            layout,
         })
     }
 
@@ -236,31 +144,23 @@ impl LuksVolume {
     }
 
     pub fn version(&self) -> LuksVersion {
-        self.version
+        self.layout.version
     }
 
     /// Where the data starts in the header area (bytes).
     pub fn payload_offset(&self) -> u64 {
-        self.payload_offset
+        self.layout.payload_offset
     }
 
     /// Size of one encryption sector (512 for LUKS1; 512 to 4096 for LUKS2).
     pub fn sector_size(&self) -> u32 {
-        self.sector_size
+        self.layout.sector_size
     }
 
     /// Size of the data area of a standalone image whose file is `file_len` bytes: to the end of
     /// the file (whole sectors) or the fixed LUKS2 segment size.
     pub fn data_size(&self, file_len: u64) -> Result<u64> {
-        let avail = file_len.saturating_sub(self.payload_offset);
-        match self.fixed_size {
-            Some(n) if n > avail => Err(Error::invalid(
-                self.io.path(),
-                format!("LUKS2 data segment of {n} bytes reaches past the end of the file"),
-            )),
-            Some(n) => Ok(n),
-            None => Ok(avail - avail % u64::from(self.sector_size)),
-        }
+        self.layout.data_size(self.io.path(), file_len)
     }
 
     /// The data cipher, for callers that choose their own IVs (qcow2 numbers sectors by host
@@ -273,15 +173,17 @@ impl LuksVolume {
     /// multiple of the sector size), with the IVs dm-crypt gives them; large buffers are split
     /// across threads.
     pub fn encrypt_payload(&self, data: &mut [u8], offset: u64) {
-        let iv = self.iv_tweak.wrapping_add(offset / IV_UNIT as u64);
-        self.cipher.encrypt_par(data, self.sector_size as usize, iv)
+        let iv = self.layout.iv_tweak.wrapping_add(offset / IV_UNIT as u64);
+        self.cipher
+            .encrypt_par(data, self.layout.sector_size as usize, iv)
     }
 
     /// Decrypts whole sectors of the data area; the counterpart of
     /// [`LuksVolume::encrypt_payload`].
     pub fn decrypt_payload(&self, data: &mut [u8], offset: u64) {
-        let iv = self.iv_tweak.wrapping_add(offset / IV_UNIT as u64);
-        self.cipher.decrypt_par(data, self.sector_size as usize, iv)
+        let iv = self.layout.iv_tweak.wrapping_add(offset / IV_UNIT as u64);
+        self.cipher
+            .decrypt_par(data, self.layout.sector_size as usize, iv)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -308,41 +210,7 @@ impl LuksVolume {
 
     /// The `format-specific` data of `info`.
     pub fn info(&self) -> LuksInfo {
-        let st = self.lock();
-        let spec = self.cipher.spec();
-        let mut info = LuksInfo {
-            version: 1,
-            cipher_alg: spec.qemu_cipher_alg(),
-            cipher_mode: spec.qemu_cipher_mode().to_string(),
-            ivgen_alg: spec.qemu_ivgen_alg().to_string(),
-            ivgen_hash_alg: spec.qemu_ivgen_hash_alg().map(|h| h.name().to_string()),
-            hash_alg: String::new(),
-            detached_header: false,
-            payload_offset: self.payload_offset,
-            master_key_iters: 0,
-            uuid: String::new(),
-            slots: Vec::new(),
-            luks2: None,
-        };
-        match &st.header {
-            Header::V1(h) => {
-                info.hash_alg = h.hash.name().to_string();
-                info.master_key_iters = u64::from(h.mk_iterations);
-                info.uuid = h.uuid.clone();
-                info.slots = h
-                    .slots
-                    .iter()
-                    .map(|s| LuksSlotInfo {
-                        active: s.active,
-                        iters: s.active.then_some(u64::from(s.iterations)),
-                        key_offset: u64::from(s.key_offset) * IV_UNIT as u64,
-                        stripes: s.active.then_some(s.stripes),
-                    })
-                    .collect();
-            }
-            Header::V2(h) => luks2_info(h, &mut info),
-        }
-        info
+        header_info(&self.layout, &self.lock().header)
     }
 
     /// Changes key slots as [`LuksAmend`] describes (QEMU's `amend` semantics).
@@ -545,69 +413,22 @@ fn like_existing_kdf(h: &Luks2, iter_time: u64) -> Kdf {
     new_kdf(&opts, iter_time)
 }
 
-fn luks2_info(h: &Luks2, info: &mut LuksInfo) {
-    let seg = h.segment();
-    let (digest_hash, digest_iters) = h
+/// Why a LUKS2 image may not open with a passphrase: keyslots bound to tokens vdisk cannot use.
+fn token_note(header: &Header) -> String {
+    let Header::V2(h) = header else {
+        return String::new();
+    };
+    let tokens: Vec<String> = h
         .meta
-        .digests
-        .values()
-        .next()
-        .map(|d| (d.hash.clone(), u64::from(d.iterations)))
-        .unwrap_or_default();
-    info.version = 2;
-    info.hash_alg = digest_hash;
-    info.master_key_iters = digest_iters;
-    info.uuid = h.bin.uuid.clone();
-    let mut keyslots = Vec::new();
-    for (&id, k) in &h.meta.keyslots {
-        let kdf = h.meta.slot_crypto(id).kdf;
-        let (iterations, memory_kib, parallel) = match kdf {
-            Kdf::Pbkdf2 { iterations, .. } => (iterations, None, None),
-            Kdf::Argon2 {
-                time,
-                memory_kib,
-                lanes,
-                ..
-            } => (time, Some(memory_kib), Some(lanes)),
-        };
-        info.slots.push(LuksSlotInfo {
-            active: true,
-            iters: Some(u64::from(iterations)),
-            key_offset: k.area.offset.0,
-            stripes: Some(k.af.stripes),
-        });
-        keyslots.push(Luks2KeyslotInfo {
-            id,
-            kdf: kdf.name().to_string(),
-            iterations,
-            memory_kib,
-            parallel,
-            key_size: k.key_size,
-            area_offset: k.area.offset.0,
-            area_size: k.area.size.0,
-            area_encryption: k.area.encryption.clone(),
-            priority: k.priority.unwrap_or(1),
-        });
+        .keyslots
+        .keys()
+        .flat_map(|&id| h.meta.tokens_for(id))
+        .collect();
+    if tokens.is_empty() {
+        return String::new();
     }
-    info.luks2 = Some(Luks2Info {
-        sector_size: seg.sector_size,
-        iv_tweak: seg.iv_tweak.0,
-        segment_size: match seg.size {
-            SegmentSize::Fixed(n) => Some(n),
-            SegmentSize::Dynamic => None,
-        },
-        label: h.bin.label.clone(),
-        subsystem: h.bin.subsystem.clone(),
-        seqid: h.bin.seqid,
-        metadata_size: h.bin.hdr_size,
-        keyslots_size: h.meta.config.keyslots_size.0,
-        keyslots,
-        tokens: h
-            .meta
-            .tokens
-            .values()
-            .filter_map(|t| t.get("type").and_then(|v| v.as_str()).map(String::from))
-            .collect(),
-        damaged_header: h.damaged.clone(),
-    });
+    format!(
+        " (some keyslots are bound to tokens of type {}, which vdisk cannot use)",
+        tokens.join(", ")
+    )
 }

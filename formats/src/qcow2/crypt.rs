@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 use crate::info::LuksInfo;
 use crate::luks::cipher::IV_UNIT;
-use crate::luks::{HeaderIo, LuksAmend, LuksCreateOptions, LuksVolume, Passphrase};
+use crate::luks::{HeaderIo, LuksAmend, LuksCreateOptions, LuksMetadata, LuksVolume, Passphrase};
 
 /// Size of an encryption sector: the unit of the IVs and of read-modify-write.
 pub(super) const SECTOR: u64 = IV_UNIT as u64;
@@ -196,10 +196,21 @@ impl HeaderIo for HeaderArea {
 /// The encryption state of an open image.
 #[derive(Debug)]
 pub(super) struct Crypt {
-    volume: LuksVolume,
+    keying: Keying,
     pub area: CryptoArea,
     /// Shared by writes of whole sectors, exclusive for writes that patch part of a sector.
     rmw: RwLock<()>,
+    path: PathBuf,
+}
+
+/// Whether the key of an encrypted image is at hand.
+#[derive(Debug)]
+enum Keying {
+    /// Unlocked with the passphrase: data can be read and written.
+    Unlocked(LuksVolume),
+    /// Opened for its metadata only (`info` without a passphrase, QEMU's `BDRV_O_NO_IO`): every
+    /// access to encrypted data fails.
+    Locked(LuksMetadata),
 }
 
 /// Held for the length of a write to an encrypted image (see the module docs).
@@ -208,7 +219,30 @@ pub(super) struct WriteGuard<'a> {
     _exclusive: Option<RwLockWriteGuard<'a, ()>>,
 }
 
+/// Fails for a LUKS header whose sectors are not qcow2's 512 bytes.
+fn check_sector_size(path: &Path, sector_size: u32) -> Result<()> {
+    if u64::from(sector_size) != SECTOR {
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "the LUKS header of the qcow2 image uses {sector_size}-byte sectors; qcow2 \
+                 encryption works on 512-byte sectors"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Crypt {
+    fn new(file: &Arc<HostFile>, area: CryptoArea, keying: Keying) -> Crypt {
+        Crypt {
+            keying,
+            area,
+            rmw: RwLock::new(()),
+            path: file.path().to_path_buf(),
+        }
+    }
+
     /// Unlocks the LUKS header in `area` of `file` with `passphrase`.
     pub fn unlock(
         file: &Arc<HostFile>,
@@ -217,21 +251,30 @@ impl Crypt {
     ) -> Result<Crypt> {
         let io: Arc<dyn HeaderIo> = Arc::new(HeaderArea::new(file.clone(), area));
         let volume = LuksVolume::open(io, passphrase)?;
-        if u64::from(volume.sector_size()) != SECTOR {
-            return Err(Error::unsupported(
-                file.path(),
-                format!(
-                    "the LUKS header of the qcow2 image uses {}-byte sectors; qcow2 encryption \
-                     works on 512-byte sectors",
-                    volume.sector_size()
-                ),
-            ));
+        check_sector_size(file.path(), volume.sector_size())?;
+        Ok(Crypt::new(file, area, Keying::Unlocked(volume)))
+    }
+
+    /// Reads the LUKS header in `area` of `file` for its metadata only, with no passphrase.
+    pub fn locked(file: &Arc<HostFile>, area: CryptoArea) -> Result<Crypt> {
+        let meta = LuksMetadata::read(&HeaderArea::new(file.clone(), area))?;
+        check_sector_size(file.path(), meta.sector_size())?;
+        Ok(Crypt::new(file, area, Keying::Locked(meta)))
+    }
+
+    /// The unlocked volume; an image opened for its metadata only has none.
+    fn volume(&self) -> Result<&LuksVolume> {
+        match &self.keying {
+            Keying::Unlocked(v) => Ok(v),
+            Keying::Locked(_) => Err(secret_required(&self.path)),
         }
-        Ok(Crypt {
-            volume,
-            area,
-            rmw: RwLock::new(()),
-        })
+    }
+
+    fn info(&self) -> LuksInfo {
+        match &self.keying {
+            Keying::Unlocked(v) => v.info(),
+            Keying::Locked(m) => m.info(),
+        }
     }
 
     /// Writes a new LUKS1 header with one keyslot into `area` of `file` (zeros there already).
@@ -257,16 +300,16 @@ impl Crypt {
         }
     }
 
-    fn encrypt(&self, buf: &mut [u8], host: u64) {
-        self.volume
-            .cipher()
-            .encrypt_par(buf, IV_UNIT, host / SECTOR)
+    fn encrypt(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let cipher = self.volume()?.cipher();
+        cipher.encrypt_par(buf, IV_UNIT, host / SECTOR);
+        Ok(())
     }
 
-    fn decrypt(&self, buf: &mut [u8], host: u64) {
-        self.volume
-            .cipher()
-            .decrypt_par(buf, IV_UNIT, host / SECTOR)
+    fn decrypt(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let cipher = self.volume()?.cipher();
+        cipher.decrypt_par(buf, IV_UNIT, host / SECTOR);
+        Ok(())
     }
 }
 
@@ -307,6 +350,14 @@ pub(super) fn check_create(opts: &LuksCreateOptions) -> Result<u64> {
 }
 
 impl Qcow2 {
+    /// Opens an image for its metadata only, as `info` describes it: read-only, backing file
+    /// closed, and the LUKS header of an encrypted image read without a passphrase (QEMU's
+    /// `BDRV_O_NO_IO`). Reading or writing encrypted data then fails with "Parameter
+    /// 'encrypt.key-secret' is required for cipher".
+    pub fn open_metadata(path: &Path) -> Result<Qcow2> {
+        Self::open_keyed(path, true, None, super::Key::MetadataOnly)
+    }
+
     /// Whether guest data is encrypted (`encrypt.format=luks`).
     pub fn is_encrypted(&self) -> bool {
         self.crypt.is_some()
@@ -314,7 +365,7 @@ impl Qcow2 {
 
     /// The LUKS header of an encrypted image, as `info` shows it under `encrypt`.
     pub fn encryption_info(&self) -> Option<LuksInfo> {
-        self.crypt.as_ref().map(|c| c.volume.info())
+        self.crypt.as_ref().map(Crypt::info)
     }
 
     /// Adds, replaces or erases key slots of an encrypted image ([`LuksAmend`], QEMU's
@@ -327,7 +378,7 @@ impl Qcow2 {
                 self.path().display()
             )));
         };
-        c.volume.amend(amend, force)
+        c.volume()?.amend(amend, force)
     }
 
     /// The lock a write of guest bytes `offset..offset+len` holds; none without encryption.
@@ -344,13 +395,13 @@ impl Qcow2 {
         sector_pieces(host, buf.len(), |pos, range, whole| {
             if whole {
                 file.read_at(&mut buf[range.clone()], pos)?;
-                c.decrypt(&mut buf[range], pos);
+                c.decrypt(&mut buf[range], pos)?;
                 return Ok(());
             }
             let (start, at) = (pos - pos % SECTOR, (pos % SECTOR) as usize);
             let mut sector = [0u8; SECTOR as usize];
             file.read_at(&mut sector, start)?;
-            c.decrypt(&mut sector, start);
+            c.decrypt(&mut sector, start)?;
             buf[range.clone()].copy_from_slice(&sector[at..at + range.len()]);
             Ok(())
         })
@@ -369,7 +420,7 @@ impl Qcow2 {
                 for piece in buf[range].chunks(CHUNK) {
                     let chunk = &mut scratch[..piece.len()];
                     chunk.copy_from_slice(piece);
-                    c.encrypt(chunk, at);
+                    c.encrypt(chunk, at)?;
                     self.file.write_at(chunk, at)?;
                     at += piece.len() as u64;
                 }
@@ -379,7 +430,7 @@ impl Qcow2 {
             let mut sector = [0u8; SECTOR as usize];
             self.read_data(&mut sector, start)?;
             sector[at..at + range.len()].copy_from_slice(&buf[range]);
-            c.encrypt(&mut sector, start);
+            c.encrypt(&mut sector, start)?;
             self.file.write_at(&sector, start)
         })
     }
@@ -397,7 +448,7 @@ impl Qcow2 {
     pub(super) fn write_owned_sectors(&self, buf: &mut [u8], host: u64) -> Result<()> {
         if let Some(c) = &self.crypt {
             debug_assert!(host % SECTOR == 0 && buf.len() as u64 % SECTOR == 0);
-            c.encrypt(buf, host);
+            c.encrypt(buf, host)?;
         }
         self.file.write_at(buf, host)
     }

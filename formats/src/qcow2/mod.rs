@@ -254,6 +254,7 @@ impl Qcow2 {
         }
         let crypt = match (crypto, key) {
             (Some(area), Key::Passphrase(Some(pw))) => Some(Crypt::unlock(&file, area, pw)?),
+            (Some(area), Key::MetadataOnly) => Some(Crypt::locked(&file, area)?),
             (Some(area), Key::Unlocked(c)) if c.area == area => Some(*c),
             (Some(_), Key::Unlocked(_)) => {
                 return Err(Error::invalid(
@@ -408,6 +409,8 @@ enum Key<'a> {
     Passphrase(Option<&'a Passphrase>),
     /// The unlocked header of the same image, opened before.
     Unlocked(Box<Crypt>),
+    /// No key: the encryption header is read for `info` only (see [`Qcow2::open_metadata`]).
+    MetadataOnly,
 }
 
 /// Opens the external data file an image names (qcow2.rst, "External data file name"), resolved
