@@ -209,6 +209,24 @@ impl Drop for Server {
     }
 }
 
+/// `vdisk serve` of `img` (read-write) on the Unix socket `sock`, once it listens.
+fn serve(img: &Path, sock: &Path) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .args(["serve", "-f", "qcow2", "-k"])
+        .arg(sock)
+        .arg(img)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vdisk serve starts");
+    let server = Server(child);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
 #[test]
 fn an_image_served_read_write_marks_its_enabled_bitmaps_in_use_until_closed() {
     let dir = temp_dir();
@@ -217,19 +235,7 @@ fn an_image_served_read_write_marks_its_enabled_bitmaps_in_use_until_closed() {
     let path = img.to_str().unwrap();
     ok(qemu_img(["create", "-q", "-f", "qcow2", path, "8M"]));
     ok(qemu_img(["bitmap", "--add", path, "b0"]));
-    let child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
-        .args(["serve", "-f", "qcow2", "-k"])
-        .arg(&sock)
-        .arg(&img)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("vdisk serve starts");
-    let mut server = Server(child);
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut server = serve(&img, &sock);
     assert_eq!(
         bitmaps(&img),
         serde_json::json!([{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536}])
@@ -262,4 +268,81 @@ fn an_image_served_read_write_marks_its_enabled_bitmaps_in_use_until_closed() {
          3211264     2031616    0  clean\n   5242880       65536    1  dirty\n   \
          5308416     3080192    0  clean\n"
     );
+}
+
+#[test]
+fn convert_copies_bitmaps_and_skips_inconsistent_ones_as_qemu_img_does() {
+    let dir = temp_dir();
+    let d = dir.path();
+    let src = d.join("src.qcow2");
+    let sock = d.join("s.sock");
+    ok(in_dir(
+        "qemu-img",
+        d,
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "8M"],
+    ));
+    ok(in_dir(
+        "qemu-img",
+        d,
+        &["bitmap", "--add", "src.qcow2", "crashed"],
+    ));
+    // A writer that dies leaves its enabled bitmaps in use: inconsistent.
+    let mut server = serve(&src, &sock);
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    ok(in_dir(
+        "qemu-img",
+        d,
+        &["bitmap", "--add", "src.qcow2", "b0"],
+    ));
+    let off = [
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        "src.qcow2",
+        "off",
+    ];
+    ok(in_dir("qemu-img", d, &off));
+    qemu_io("qcow2", &src, &["write 100k 50k", "write -z 6M 1M"]);
+
+    let refused = [
+        "convert",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+        "out.qcow2",
+    ];
+    let theirs = in_dir("qemu-img", d, &refused);
+    let ours = in_dir("vdisk", d, &refused);
+    assert_eq!(theirs.code, Some(1), "{theirs:?}");
+    assert_eq!(ours.code, theirs.code);
+    assert_eq!(ours.stderr_normalised(), theirs.stderr_normalised());
+    assert!(!d.join("out.qcow2").exists());
+
+    let mut results = Vec::new();
+    for (tool, out) in [("qemu-img", "q.qcow2"), ("vdisk", "v.qcow2")] {
+        let args = [
+            "convert",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            out,
+        ];
+        let done = in_dir(tool, d, &args);
+        assert_eq!(done.code, Some(0), "{tool}: {done:?}");
+        assert!(done
+            .stderr
+            .contains("Skipping inconsistent bitmap 'crashed'"));
+        let img = d.join(out);
+        assert_qemu_check_clean(&img);
+        let maps: Vec<String> = ["b0", "off"].iter().map(|b| dirty_map(&img, b)).collect();
+        results.push((maps, bitmaps(&img)));
+    }
+    assert_eq!(results[0], results[1], "qemu-img, then vdisk");
+    assert!(results[0].0[0].contains("dirty"), "{:?}", results[0]);
 }

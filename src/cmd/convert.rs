@@ -5,7 +5,6 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use vdisk_formats::convert::{convert, ConvertOptions};
 use vdisk_formats::image::create_options_help;
-use vdisk_formats::qcow2::header::ext;
 use vdisk_formats::qcow2::Qcow2;
 use vdisk_formats::{BlockDev, CreateOptions, Format};
 
@@ -119,11 +118,12 @@ pub struct Args {
     #[arg(long = "salvage")]
     salvage: bool,
 
-    /// Copy persistent dirty bitmaps (qcow2 v3 to qcow2 v3; sources with bitmaps are refused)
+    /// Copy the persistent dirty bitmaps of the source (one qcow2 v3 image) to the qcow2 v3
+    /// target
     #[arg(long = "bitmaps")]
     bitmaps: bool,
 
-    /// With --bitmaps, skip broken bitmaps
+    /// With --bitmaps, skip inconsistent (in-use) bitmaps instead of failing
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
 
@@ -185,6 +185,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.target_image_opts && !args.no_create {
         bail!("--target-image-opts requires use of -n flag");
     }
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
     if args.files.len() < 2 {
         bail!("Must specify image file name");
     }
@@ -216,9 +219,17 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
-    if args.bitmaps {
-        check_bitmaps(&args, source_names, target_format, &list.pairs)?;
-    }
+    let bitmap_source = if args.bitmaps {
+        Some(check_bitmaps(
+            &args,
+            &objects,
+            source_names,
+            target_format,
+            &list.pairs,
+        )?)
+    } else {
+        None
+    };
 
     let target = if args.no_create {
         let image = if args.target_image_opts {
@@ -267,7 +278,45 @@ pub fn run(args: Args) -> Result<()> {
     };
     let result = convert(&sources, &target, &opts);
     progress.finish(result.is_ok());
-    result.map_err(|e| anyhow!("error while converting: {}", describe(&e)))
+    result.map_err(|e| anyhow!("error while converting: {}", describe(&e)))?;
+    if let Some(source) = bitmap_source {
+        // The target is closed (its own bitmaps stored) before it is opened for the copy.
+        drop(target);
+        copy_bitmaps(&source, target_name)?;
+    }
+    Ok(())
+}
+
+/// Copies the persistent bitmaps of `source` into the target, with the same names,
+/// granularities, enabled state and bits (qemu-img's `convert_copy_bitmaps`: the bitmaps in the
+/// order QEMU keeps them, newest first, which stores them in the source's order).
+fn copy_bitmaps(source: &Qcow2, target_name: &str) -> Result<()> {
+    let target = Qcow2::open(target_name.as_ref(), false)
+        .map_err(|e| anyhow!("Could not open '{target_name}': {}", describe(&e)))?;
+    for b in source.bitmap_infos().iter().rev() {
+        let name = &b.name;
+        if b.in_use {
+            // check_bitmaps refused these unless they are to be skipped.
+            eprintln!(
+                "{}: warning: Skipping inconsistent bitmap '{name}'",
+                crate::prog::name()
+            );
+            continue;
+        }
+        let created = target.bitmap_add(name, b.granularity).and_then(|()| {
+            if b.auto {
+                Ok(())
+            } else {
+                target.bitmap_set_enabled(name, false)
+            }
+        });
+        created.map_err(|e| anyhow!("Failed to create bitmap {name}: {}", describe(&e)))?;
+        source
+            .bitmap_bits(name)
+            .and_then(|bits| target.bitmap_merge(name, &bits))
+            .map_err(|e| anyhow!("Failed to populate bitmap {name}: {}", describe(&e)))?;
+    }
+    target.store_bitmaps().map_err(|e| anyhow!(describe(&e)))
 }
 
 /// `-S`: a multiple of 512 up to 16 MiB, or 0.
@@ -327,35 +376,44 @@ fn create_target(
     image.open(false, false)
 }
 
-/// `--bitmaps`: both images must be able to hold persistent bitmaps (qcow2 version 3). vdisk
-/// cannot copy bitmaps yet, so a source that has some is refused rather than copied without them.
+/// `--bitmaps`: one source, and both images able to hold persistent bitmaps (qcow2 version
+/// 3); an inconsistent source bitmap is refused unless `--skip-broken-bitmaps`. Returns the
+/// source, open to copy its bitmaps from once the data is copied.
 fn check_bitmaps(
     args: &Args,
+    objects: &Objects,
     sources: &[String],
     target: Format,
     pairs: &[(String, String)],
-) -> Result<()> {
+) -> Result<Qcow2> {
+    if sources.len() > 1 {
+        bail!("Copying bitmaps only possible with single source");
+    }
     let v2 = pairs
         .iter()
         .any(|(k, v)| k == "compat" && (v == "0.10" || v == "v2"));
     if target != Format::Qcow2 || v2 {
         bail!("Format driver '{target}' does not support bitmaps");
     }
-    for name in sources {
-        let image = ImageRef::parse(name, args.source_format.as_deref(), args.image_opts)?;
-        if image.format_or_probe(true)? != Format::Qcow2 {
-            bail!("Source lacks bitmap support");
-        }
-        // Only the header is needed: the backing file stays closed.
-        let header = Qcow2::open_with(&image.path, true, None)
-            .map_err(|e| image.could_not_open(describe(&e)))?
-            .header();
-        if header.version < 3 {
-            bail!("Source lacks bitmap support");
-        }
-        if header.extension(ext::BITMAPS).is_some() {
-            bail!("copying persistent bitmaps is not supported yet");
+    let image = ImageRef::parse(&sources[0], args.source_format.as_deref(), args.image_opts)?
+        .with_secret(objects)?;
+    if image.format_or_probe(true)? != Format::Qcow2 {
+        bail!("Source lacks bitmap support");
+    }
+    // Only the header and the bitmaps are needed: the backing file stays closed.
+    let source = Qcow2::open_with_secret(&image.path, true, None, image.secret.as_ref())
+        .map_err(|e| image.could_not_open(describe(&e)))?;
+    if source.header().version < 3 {
+        bail!("Source lacks bitmap support");
+    }
+    for b in source.bitmap_infos().iter().rev() {
+        if b.in_use && !args.skip_broken_bitmaps {
+            bail!(
+                "Cannot copy inconsistent bitmap '{}'\n\
+                 Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            );
         }
     }
-    Ok(())
+    Ok(source)
 }

@@ -56,6 +56,8 @@ struct Bitmap {
     modified: bool,
     /// This open set `in_use` on disk and tracks writes into the bitmap.
     tracked: bool,
+    /// Added since the directory was last stored.
+    added: bool,
     /// The flags differ from the stored directory.
     flags_changed: bool,
 }
@@ -79,6 +81,7 @@ impl BitmapSet {
                     bits: None,
                     modified: false,
                     tracked: false,
+                    added: false,
                     flags_changed: false,
                 })
                 .collect(),
@@ -174,7 +177,7 @@ impl Qcow2 {
     }
 
     /// Adds an empty, enabled persistent bitmap (QEMU's `block-dirty-bitmap-add` with
-    /// `persistent=true`). `granularity` 0 means the default for the cluster size. Refusals
+    /// `persistent=true`); bitmaps added in one open are stored newest first, after the others. `granularity` 0 means the default for the cluster size. Refusals
     /// about what the image can store are `Unsupported` ("Can't make bitmap persistent").
     pub fn bitmap_add(&self, name: &str, granularity: u64) -> Result<()> {
         self.check_writable()?;
@@ -237,6 +240,7 @@ impl Qcow2 {
             bits: Some(DirtyBitmap::new(gbits, header.size)),
             modified: true,
             tracked: false,
+            added: true,
             flags_changed: false,
         });
         set.changed = true;
@@ -408,6 +412,18 @@ impl Qcow2 {
     /// Stores the directory in new clusters and points the header at it, then releases the old
     /// directory and the tables of removed or rewritten bitmaps.
     fn write_new_directory(&self, set: &mut BitmapSet, meta: &mut super::Meta) -> Result<()> {
+        // Stored bitmaps keep their places; new ones follow, newest first (as QEMU, which keeps
+        // its bitmaps newest first, stores them).
+        let (added, mut kept): (Vec<Bitmap>, Vec<Bitmap>) = std::mem::take(&mut set.bitmaps)
+            .into_iter()
+            .partition(|b| b.added);
+        kept.extend(
+            added
+                .into_iter()
+                .rev()
+                .map(|b| Bitmap { added: false, ..b }),
+        );
+        set.bitmaps = kept;
         let entries: Vec<DirEntry> = set.bitmaps.iter().map(|b| b.entry.clone()).collect();
         let raw = directory::encode_directory(&entries);
         let cs = self.geo.cluster_size();
