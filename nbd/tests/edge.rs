@@ -340,6 +340,59 @@ fn block_status_req_one_and_extended_descriptors() {
 }
 
 #[test]
+fn block_status_payload_selects_contexts() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = sparse_qcow2(dir.path());
+    let srv = serve_unix(server_for(open_image(&img, true)), dir.path());
+    let mut c = Client::connect(&srv.socket);
+    c.go(
+        "",
+        Mode::Extended,
+        &["base:allocation", "qemu:allocation-depth"],
+    );
+    assert_ne!(c.flags & 0x1000, 0, "BLOCK_STAT_PAYLOAD advertised");
+    let payload = |effect: u64, ids: &[u32]| {
+        let mut v = effect.to_be_bytes().to_vec();
+        ids.iter()
+            .for_each(|id| v.extend_from_slice(&id.to_be_bytes()));
+        v
+    };
+    // Only context 2 (allocation depth), over the effect length of the payload, not the
+    // header's length (the payload's size).
+    let p = payload(4 * MIB, &[2]);
+    c.request(0x20, CMD_BLOCK_STATUS, 1, 0, p.len() as u64, &p);
+    let chunks: Vec<_> = c
+        .reply(0)
+        .into_iter()
+        .filter(|c| c.kind != CHUNK_NONE)
+        .collect();
+    assert_eq!(chunks.len(), 1, "one context asked for");
+    let (id, depth) = status_of(&chunks[0]);
+    assert_eq!(id, 2);
+    assert_eq!(depth, [(MIB, 0), (MIB, 1), (2 * MIB, 0)]);
+    // A repeated id, an unknown id or a ragged payload: EINVAL, and the connection goes on.
+    for bad in [
+        payload(MIB, &[1, 1]),
+        payload(MIB, &[7]),
+        payload(MIB, &[1])[..10].to_vec(),
+    ] {
+        assert_eq!(
+            c.error_of(0x20, CMD_BLOCK_STATUS, 0, bad.len() as u64, &bad),
+            EINVAL
+        );
+    }
+    let (buf, _) = c.read(MIB, 4096);
+    assert!(buf.iter().all(|&b| b == 0xab));
+    // Without contexts there is nothing to select: the flag is not offered.
+    let mut plain = Client::connect(&srv.socket);
+    plain.go("", Mode::Extended, &[]);
+    assert_eq!(plain.flags & 0x1000, 0);
+}
+
+#[test]
 fn extended_headers_carry_writes_and_reads() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, dev) = mem_server(dir.path(), MIB);

@@ -24,7 +24,8 @@ pub use handshake::{
     TransmissionFlags,
 };
 pub use transmission::{
-    CmdFlags, Command, Reply, ReplyMode, RequestError, RequestHeader, StatusDescriptor,
+    BlockStatusPayload, CmdFlags, Command, Reply, ReplyMode, RequestError, RequestHeader,
+    StatusDescriptor,
 };
 
 use std::io::{self, Read};

@@ -72,17 +72,59 @@ impl Command {
 
     /// The command flags documented for this command. `FUA` is "valid for all commands" once
     /// `SEND_FUA` is negotiated; `PAYLOAD_LEN` is valid for WRITE (and required there) with
-    /// extended headers. Anything else earns `EINVAL` ("Error values").
+    /// extended headers, and for BLOCK_STATUS with `BLOCK_STAT_PAYLOAD`. Anything else earns `EINVAL` ("Error values").
     pub fn allowed_flags(self) -> u16 {
         let base = CmdFlags::FUA;
         match self {
             Command::Read => base | CmdFlags::DF,
             Command::Write => base | CmdFlags::PAYLOAD_LEN,
             Command::WriteZeroes => base | CmdFlags::NO_HOLE | CmdFlags::FAST_ZERO,
-            Command::BlockStatus => base | CmdFlags::REQ_ONE,
+            Command::BlockStatus => base | CmdFlags::REQ_ONE | CmdFlags::PAYLOAD_LEN,
             Command::Disc | Command::Flush | Command::Trim | Command::Cache => base,
             Command::Unknown(_) => 0,
         }
+    }
+}
+
+/// The payload of a `BLOCK_STATUS` request that sets `PAYLOAD_LEN` (extended headers with
+/// `BLOCK_STAT_PAYLOAD`): the effect length, then the ids of the metadata contexts to report,
+/// each at most once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatusPayload {
+    pub effect_length: u64,
+    pub ids: Vec<u32>,
+}
+
+impl BlockStatusPayload {
+    /// Parses a payload that may name at most `max_ids` contexts (those negotiated).
+    pub fn parse(bytes: &[u8], max_ids: usize) -> Result<BlockStatusPayload, String> {
+        if bytes.len() < 8 || bytes.len() % 4 != 0 || (bytes.len() - 8) / 4 > max_ids {
+            return Err(format!(
+                "block status payload of {} bytes is not an effect length and at most {max_ids} \
+                 context ids",
+                bytes.len()
+            ));
+        }
+        let effect_length = u64::from_be_bytes(bytes[..8].try_into().unwrap());
+        let mut ids = Vec::with_capacity((bytes.len() - 8) / 4);
+        for id in bytes[8..].chunks_exact(4) {
+            let id = u32::from_be_bytes(id.try_into().unwrap());
+            if ids.contains(&id) {
+                return Err(format!(
+                    "context id {id} repeated in the block status payload"
+                ));
+            }
+            ids.push(id);
+        }
+        Ok(BlockStatusPayload { effect_length, ids })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.effect_length.to_be_bytes().to_vec();
+        for id in &self.ids {
+            v.extend_from_slice(&id.to_be_bytes());
+        }
+        v
     }
 }
 
@@ -513,6 +555,28 @@ mod tests {
         assert!(Command::Read.allowed_flags() & CmdFlags::DF != 0);
         assert!(Command::Read.allowed_flags() & CmdFlags::NO_HOLE == 0);
         assert!(Command::WriteZeroes.allowed_flags() & CmdFlags::FAST_ZERO != 0);
+        let p = BlockStatusPayload {
+            effect_length: 1 << 40,
+            ids: vec![2, 1],
+        };
+        assert_eq!(BlockStatusPayload::parse(&p.encode(), 2), Ok(p.clone()));
+        assert!(
+            BlockStatusPayload::parse(&p.encode(), 1).is_err(),
+            "more ids than contexts"
+        );
+        assert!(
+            BlockStatusPayload::parse(&p.encode()[..10], 2).is_err(),
+            "ragged"
+        );
+        assert!(
+            BlockStatusPayload::parse(&[0; 4], 2).is_err(),
+            "no effect length"
+        );
+        let twice = BlockStatusPayload {
+            effect_length: 512,
+            ids: vec![1, 1],
+        };
+        assert!(BlockStatusPayload::parse(&twice.encode(), 2).is_err());
         assert_eq!(Command::Unknown(8).allowed_flags(), 0);
         assert_eq!(Command::from_code(8), Command::Unknown(8));
     }

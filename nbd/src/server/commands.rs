@@ -8,8 +8,8 @@ use super::reply::ReplySink;
 use super::transmission::Permit;
 use super::Context;
 use crate::proto::{
-    CmdFlags, Command, Errno, Reply, ReplyMode, RequestHeader, StatusDescriptor, TransmissionFlags,
-    MAX_EXTENTS, MAX_PAYLOAD,
+    BlockStatusPayload, CmdFlags, Command, Errno, Reply, ReplyMode, RequestHeader,
+    StatusDescriptor, TransmissionFlags, MAX_EXTENTS, MAX_PAYLOAD,
 };
 
 /// A request with its payload, queued for a worker.
@@ -29,7 +29,23 @@ fn refuse(errno: Errno, msg: impl Into<String>) -> Refusal {
 
 /// Executes `req` and sends its reply.
 pub(crate) fn execute(neg: &Negotiated, sink: &ReplySink, req: Request) {
-    let h = req.header;
+    let mut h = req.header;
+    let mut contexts = &neg.contexts[..];
+    let selected;
+    if h.command == Command::BlockStatus
+        && h.flags.has(CmdFlags::PAYLOAD_LEN)
+        && neg.flags.has(TransmissionFlags::BLOCK_STATUS_PAYLOAD)
+    {
+        match select_contexts(neg, &req.payload) {
+            Ok((effect_length, chosen)) => {
+                selected = chosen;
+                contexts = &selected;
+                h.length = effect_length;
+                h.payload = 0;
+            }
+            Err(msg) => return sink.error(h.cookie, h.offset, Errno::Inval, &msg),
+        }
+    }
     if let Err(Refusal(errno, msg)) = validate(neg, &h) {
         sink.error(h.cookie, h.offset, errno, &msg);
         return;
@@ -38,7 +54,7 @@ pub(crate) fn execute(neg: &Negotiated, sink: &ReplySink, req: Request) {
     let fua = h.flags.has(CmdFlags::FUA);
     let result = match h.command {
         Command::Read => return read(neg, sink, &h),
-        Command::BlockStatus => return block_status(neg, sink, &h),
+        Command::BlockStatus => return block_status(neg, sink, &h, contexts),
         Command::Write => dev.write_at(&req.payload, h.offset),
         Command::Flush => dev.flush(),
         Command::Trim => dev.discard(h.offset, h.length),
@@ -68,6 +84,24 @@ pub(crate) fn execute(neg: &Negotiated, sink: &ReplySink, req: Request) {
         Ok(()) => sink.ok(h.cookie, h.offset),
         Err(e) => sink.error(h.cookie, h.offset, Errno::from_block(&e), &e.to_string()),
     }
+}
+
+/// The effect length and the negotiated contexts a `BLOCK_STATUS` payload asks for; an
+/// unusable payload (malformed, a repeated or unknown id) is an `EINVAL`, as in qemu-nbd.
+fn select_contexts(neg: &Negotiated, payload: &[u8]) -> Result<(u64, Vec<(u32, Context)>), String> {
+    let p = BlockStatusPayload::parse(payload, neg.contexts.len())?;
+    let chosen = p
+        .ids
+        .iter()
+        .map(|id| {
+            neg.contexts
+                .iter()
+                .find(|(known, _)| known == id)
+                .copied()
+                .ok_or_else(|| format!("context id {id} was not negotiated"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((p.effect_length, chosen))
 }
 
 /// The checks every request passes before it touches the device.
@@ -335,7 +369,12 @@ fn descriptors(runs: &[Run], ctx: Context, req_one: bool, wide: bool) -> Vec<Sta
     out
 }
 
-fn block_status(neg: &Negotiated, sink: &ReplySink, h: &RequestHeader) {
+fn block_status(
+    neg: &Negotiated,
+    sink: &ReplySink,
+    h: &RequestHeader,
+    contexts: &[(u32, Context)],
+) {
     let dev = neg.export.dev().as_ref();
     let runs = match walk(dev, h.offset, h.length) {
         Ok(r) => r,
@@ -343,8 +382,7 @@ fn block_status(neg: &Negotiated, sink: &ReplySink, h: &RequestHeader) {
     };
     let req_one = h.flags.has(CmdFlags::REQ_ONE);
     let wide = sink.mode() == ReplyMode::Extended;
-    let per_context: Vec<(u32, Vec<StatusDescriptor>)> = neg
-        .contexts
+    let per_context: Vec<(u32, Vec<StatusDescriptor>)> = contexts
         .iter()
         .map(|&(id, ctx)| (id, descriptors(&runs, ctx, req_one, wide)))
         .collect();

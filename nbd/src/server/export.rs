@@ -118,18 +118,13 @@ impl Export {
     }
 
     /// Minimum, preferred and maximum block sizes for `NBD_INFO_BLOCK_SIZE` ("Size
-    /// constraints"): minimum a power of two up to 64 KiB, preferred a power of two of at least
-    /// 512 and the minimum, maximum payload 32 MiB.
+    /// constraints"): minimum a power of two up to 64 KiB, preferred 4 KiB or the minimum if
+    /// larger (what qemu-nbd advertises whatever the format: clients such as the kernel then
+    /// send page-sized requests), maximum payload 32 MiB.
     pub fn block_sizes(&self) -> (u32, u32, u32) {
         let caps = self.dev.capabilities();
         let min = caps.min_block.clamp(1, 65536).next_power_of_two();
-        let preferred = caps
-            .preferred_block
-            .max(512)
-            .max(min)
-            .min(MAX_PAYLOAD)
-            .next_power_of_two();
-        (min, preferred, MAX_PAYLOAD)
+        (min, min.max(4096), MAX_PAYLOAD)
     }
 
     /// The transmission flags for a connection. `structured` adds `SEND_DF` (the spec requires

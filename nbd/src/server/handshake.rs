@@ -245,7 +245,15 @@ impl Handshake<'_> {
             let msg = format!("no export named {:?}", req.export);
             return self.error(code, RepError::Unknown, &msg);
         };
-        let flags = export.flags(self.state.structured, self.shared.multi_conn());
+        let mut flags = export.flags(self.state.structured, self.shared.multi_conn());
+        // As qemu-nbd: with extended headers, BLOCK_STATUS may carry a payload selecting
+        // contexts once some are negotiated for this export (or, for INFO, could be).
+        let has_contexts = matches!(&self.state.meta,
+            Some((name, ctx)) if !ctx.is_empty()
+                && self.shared.find(name).is_some_and(|e| Arc::ptr_eq(&e, &export)));
+        if self.state.extended && (has_contexts || !go) {
+            flags = TransmissionFlags(flags.0 | TransmissionFlags::BLOCK_STATUS_PAYLOAD);
+        }
         let (min, preferred, max) = export.block_sizes();
         let mut infos = vec![
             InfoReply::Export {
