@@ -258,14 +258,23 @@ fn unknown_commands_and_flags_are_einval() {
     assert_eq!(s.error_of(FLAG_DF, CMD_READ, 0, 512, &[]), EINVAL);
 }
 
-#[test]
-fn sparse_reads_use_hole_chunks_unless_df() {
+/// Serves (read-only) the sparse qcow2 image with a backing file that `sparse_qcow2` builds
+/// with qemu-img; None without qemu-img.
+fn serve_sparse_qcow2() -> Option<(tempfile::TempDir, Running)> {
     if !have("qemu-img") {
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = sparse_qcow2(dir.path());
     let srv = serve_unix(server_for(open_image(&img, true)), dir.path());
+    Some((dir, srv))
+}
+
+#[test]
+fn sparse_reads_use_hole_chunks_unless_df() {
+    let Some((_dir, srv)) = serve_sparse_qcow2() else {
+        return;
+    };
     let mut c = Client::connect(&srv.socket);
     c.go("", Mode::Structured, &[]);
     // 0..4M: base data at 1M..1M+64K is covered by top data 1M..2M; 2M..4M is a hole.
@@ -290,12 +299,9 @@ fn sparse_reads_use_hole_chunks_unless_df() {
 
 #[test]
 fn small_reads_of_zeroes_are_one_hole_chunk() {
-    if !have("qemu-img") {
+    let Some((_dir, srv)) = serve_sparse_qcow2() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_qcow2(dir.path());
-    let srv = serve_unix(server_for(open_image(&img, true)), dir.path());
+    };
     let mut c = Client::connect(&srv.socket);
     c.go("", Mode::Structured, &[]);
     // Under the small-read size the server reads first and sends a hole if it read zeroes.
@@ -309,12 +315,9 @@ fn small_reads_of_zeroes_are_one_hole_chunk() {
 
 #[test]
 fn block_status_req_one_and_extended_descriptors() {
-    if !have("qemu-img") {
+    let Some((_dir, srv)) = serve_sparse_qcow2() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_qcow2(dir.path());
-    let srv = serve_unix(server_for(open_image(&img, true)), dir.path());
+    };
     for mode in [Mode::Structured, Mode::Extended] {
         let mut c = Client::connect(&srv.socket);
         c.go("", mode, &["base:allocation", "qemu:allocation-depth"]);
@@ -341,12 +344,9 @@ fn block_status_req_one_and_extended_descriptors() {
 
 #[test]
 fn block_status_payload_selects_contexts() {
-    if !have("qemu-img") {
+    let Some((_dir, srv)) = serve_sparse_qcow2() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_qcow2(dir.path());
-    let srv = serve_unix(server_for(open_image(&img, true)), dir.path());
+    };
     let mut c = Client::connect(&srv.socket);
     c.go(
         "",
