@@ -231,6 +231,57 @@ impl HostFile {
     }
 }
 
+impl HostFile {
+    /// Copies `len` bytes at `offset` of this file to the same offset of `dst` inside the
+    /// kernel (copy_file_range: reflinks or server-side copies where the file systems can).
+    /// Returns `Ok(false)`, having copied nothing, when the kernel cannot copy between these
+    /// files (other file systems, no support): the caller copies another way.
+    pub fn copy_range_to(&self, dst: &HostFile, offset: u64, len: u64) -> Result<bool> {
+        let mut done = 0u64;
+        while done < len {
+            let mut from =
+                to_off(offset + done).map_err(|e| Error::io(&self.path, "bad offset", e))?;
+            let mut to = from;
+            let want = usize::try_from(len - done)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
+            // SAFETY: both fds are valid and owned by their `File`s for the call; the offset
+            // pointers point to locals that live across it. The kernel reads and writes only
+            // those two offsets and the files' data.
+            let n = unsafe {
+                libc::copy_file_range(
+                    self.file.as_raw_fd(),
+                    &mut from,
+                    dst.file.as_raw_fd(),
+                    &mut to,
+                    want,
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                let refused = matches!(
+                    err.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                );
+                if refused && done == 0 {
+                    return Ok(false);
+                }
+                return Err(Error::io(&dst.path, "copy_file_range failed", err));
+            }
+            if n == 0 {
+                return Err(Error::io(
+                    &self.path,
+                    "copy_file_range stopped before the end of the range",
+                    io::Error::from(io::ErrorKind::UnexpectedEof),
+                ));
+            }
+            done += n as u64;
+        }
+        Ok(true)
+    }
+}
+
 fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }

@@ -23,6 +23,7 @@ pub mod luks;
 pub mod mem;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;
 pub mod units;
 
 pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};

@@ -6,13 +6,14 @@ use anyhow::{anyhow, bail, Result};
 use vdisk_formats::convert::{convert, ConvertOptions};
 use vdisk_formats::image::create_options_help;
 use vdisk_formats::qcow2::Qcow2;
+use vdisk_formats::throttle::Throttled;
 use vdisk_formats::{BlockDev, CreateOptions, Format};
 
 use crate::errors::describe;
 use crate::image_args::{
     check_cache_mode, parse_target_format, resolve_create_secret, ImageRef, SnapshotCopy,
 };
-use crate::numbers::{parse_int_in, parse_size_arg};
+use crate::numbers::{cvtnum, parse_int_in, parse_size_arg};
 use crate::objects::Objects;
 use crate::options;
 use crate::progress::Progress;
@@ -110,7 +111,8 @@ pub struct Args {
     #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
 
-    /// Use copy offloading (accepted; vdisk copies through its own buffers)
+    /// Copy with copy offloading: raw to raw, data runs are copied inside the kernel
+    /// (copy_file_range) where the file systems allow it, else the ordinary way
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_range: bool,
 
@@ -143,8 +145,13 @@ pub struct Args {
     #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     source_cache: Option<String>,
 
-    /// I/O rate limit in bytes per second (accepted, not enforced)
-    #[arg(short = 'r', long = "rate", value_name = "RATE")]
+    /// Limit the writes to the target to RATE bytes per second (suffixes k, M, G...; 0: none)
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
     rate: Option<String>,
 
     /// Open the sources in shared mode (accepted; vdisk takes no image locks)
@@ -185,8 +192,21 @@ pub fn run(args: Args) -> Result<()> {
     if args.target_image_opts && !args.no_create {
         bail!("--target-image-opts requires use of -n flag");
     }
+    let rate = match args.rate.as_deref() {
+        Some(text) => cvtnum("rate limit", text)?,
+        None => 0,
+    };
     if args.skip_broken_bitmaps && !args.bitmaps {
         bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if args.copy_range && args.compress {
+        bail!("Cannot enable copy offloading when -c is used");
+    }
+    if args.copy_range && args.sparse_size.is_some() {
+        bail!("Cannot enable copy offloading when -S is used");
+    }
+    if args.copy_range && args.salvage {
+        bail!("Cannot use copy offloading in salvaging mode");
     }
     if args.files.len() < 2 {
         bail!("Must specify image file name");
@@ -255,6 +275,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.compress && target.compressed_cluster_size().is_none() {
         bail!("Compression not supported for this file format");
     }
+    let target: Arc<dyn BlockDev> = match rate {
+        0 => target,
+        rate => Arc::new(Throttled::new(target, rate)),
+    };
 
     let progress = Progress::new(args.progress && !args.quiet);
     let report = |done: u64, all: u64| progress.update(done, all);
@@ -276,7 +300,16 @@ pub fn run(args: Args) -> Result<()> {
         // qemu-img convert's target cache mode defaults to `unsafe`: no flush at the end.
         flush: !matches!(args.target_cache.as_deref(), None | Some("unsafe")),
     };
-    let result = convert(&sources, &target, &opts);
+    let offloaded = if args.copy_range && rate == 0 && !args.no_create {
+        copy_offloaded(&args, source_names, target_format, target_name, &report)?
+    } else {
+        false
+    };
+    let result = if offloaded {
+        Ok(())
+    } else {
+        convert(&sources, &target, &opts)
+    };
     progress.finish(result.is_ok());
     result.map_err(|e| anyhow!("error while converting: {}", describe(&e)))?;
     if let Some(source) = bitmap_source {
@@ -317,6 +350,30 @@ fn copy_bitmaps(source: &Qcow2, target_name: &str) -> Result<()> {
             .map_err(|e| anyhow!("Failed to populate bitmap {name}: {}", describe(&e)))?;
     }
     target.store_bitmaps().map_err(|e| anyhow!(describe(&e)))
+}
+
+/// `-C` from one raw file into a new raw file: copy_file_range for each data run, holes left as
+/// they are (the new target reads as zero). Returns whether it did the copy; `false` (other
+/// formats, or a kernel that cannot offload between these files) leaves it to the ordinary path.
+fn copy_offloaded(
+    args: &Args,
+    sources: &[String],
+    target_format: Format,
+    target_name: &str,
+    report: &dyn Fn(u64, u64),
+) -> Result<bool> {
+    if sources.len() != 1 || target_format != Format::Raw || args.snapshot.is_some() {
+        return Ok(false);
+    }
+    let source = ImageRef::parse(&sources[0], args.source_format.as_deref(), args.image_opts)?;
+    if source.format_or_probe(true)? != Format::Raw {
+        return Ok(false);
+    }
+    let len = std::fs::metadata(&source.path)?.len();
+    vdisk_formats::raw::copy_offloaded(&source.path, target_name.as_ref(), &|done| {
+        report(done, len)
+    })
+    .map_err(|e| anyhow!("error while converting: {}", describe(&e)))
 }
 
 /// `-S`: a multiple of 512 up to 16 MiB, or 0.

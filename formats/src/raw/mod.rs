@@ -22,6 +22,46 @@ pub struct Raw {
     read_only: bool,
 }
 
+/// Copies raw image `src` into the raw image `dst`, which must be as large and read as zero
+/// (newly created), by copy offloading: each data run of `src` is copied inside the kernel
+/// (copy_file_range), holes are left as holes. `progress` gets the bytes done so far. Returns
+/// `Ok(false)`, with nothing copied, when the kernel cannot copy between the two files; the
+/// caller then copies the ordinary way, to the same result.
+pub fn copy_offloaded(src: &Path, dst: &Path, progress: &dyn Fn(u64)) -> Result<bool> {
+    let from = HostFile::open(src, true)?;
+    let to = HostFile::open(dst, false)?;
+    let len = from.len()?;
+    if to.len()? < len {
+        return Err(Error::argument(format!(
+            "{}: the target is smaller than the source",
+            dst.display()
+        )));
+    }
+    let mut at = 0u64;
+    let mut copied_any = false;
+    while at < len {
+        let n = match from.data_or_hole(at, len - at)? {
+            HoleRun::Hole(n) => n,
+            HoleRun::Data(n) => {
+                if !from.copy_range_to(&to, at, n)? {
+                    if copied_any {
+                        return Err(Error::unsupported(
+                            dst,
+                            "copy offloading stopped working in the middle of the copy",
+                        ));
+                    }
+                    return Ok(false);
+                }
+                copied_any = true;
+                n
+            }
+        };
+        at += n;
+        progress(at);
+    }
+    Ok(true)
+}
+
 impl Raw {
     /// Opens an existing file as a raw image. Its size is the file length rounded up to whole
     /// 512-byte sectors (as QEMU reports it); the rounded tail reads as zero.
