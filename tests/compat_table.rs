@@ -179,6 +179,10 @@ const CASES: &[Case] = &[
     Case { args: &["rebase", "-b", "", "top.qcow2"], outputs: &["top.qcow2"], post: &[INFO_JSON_TOP], ..C },
     Case { args: &["rebase", "-b", "newbase.qcow2", "top.qcow2"], ..C },
     Case { args: &["rebase", "top.qcow2"], ..C },
+    Case { args: &["rebase", "-c", "-b", "", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["check", "top.qcow2"], &["map", "--output=json", "top.qcow2"]], ..C },
+    Case { args: &["rebase", "-c", "-b", "newbase.qcow2", "-F", "qcow2", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["check", "top.qcow2"], &["map", "--output=json", "top.qcow2"]], ..C },
+    Case { args: &["rebase", "-c", "-u", "-b", "", "top.qcow2"], outputs: &["top.qcow2"], post: &[INFO_JSON_TOP], ..C },
+    Case { args: &["rebase", "-c", "-b", "", "-f", "raw", "raw.img"], ..C },
     // --- amend ------------------------------------------------------------------------------------------
     Case { args: &["amend", "-o", "compat=1.1", "v2.qcow2"], outputs: &["v2.qcow2"], post: &[&["info", "v2.qcow2"], &["check", "v2.qcow2"]], ..C },
     Case { args: &["amend", "-o", "lazy_refcounts=on", "q.qcow2"], outputs: &["q.qcow2"], post: &[&["info", "q.qcow2"]], ..C },

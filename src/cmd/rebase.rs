@@ -84,11 +84,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     check_cache_mode(args.cache.as_deref(), "")?;
     check_cache_mode(args.backing_cache.as_deref(), "source ")?;
-    if args.compress {
-        bail!("rebase -c (compressed copies) is not supported yet");
-    }
     let image = args.image.image(file)?;
     let format = image.format_or_probe(false)?;
+    if args.compress && format != Format::Qcow2 {
+        bail!("Compression not supported for this file format");
+    }
     let new_name = args.backing.clone().unwrap_or_default();
     let change_failed =
         |why: &str| anyhow!("Could not change the backing file to '{new_name}': {why}");
@@ -126,7 +126,7 @@ pub fn run(args: Args) -> Result<()> {
             Some(dev)
         };
         let progress = Progress::new(args.progress && !args.quiet);
-        let copied = copy_differences(&old, &top, new.as_ref(), &progress);
+        let copied = copy_differences(&old, &top, new.as_ref(), args.compress, &progress);
         progress.finish(copied.is_ok());
         copied?;
     }
@@ -143,11 +143,13 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Copies into `top` (opened without its backing file) every cluster it leaves to its backing
-/// chain where the old chain (`old`, the image with its backing) and `new` read differently.
+/// chain where the old chain (`old`, the image with its backing) and `new` read differently;
+/// with `compress`, whole clusters are written compressed where that makes them smaller.
 fn copy_differences(
     old: &Arc<dyn BlockDev>,
     top: &Arc<dyn BlockDev>,
     new: Option<&Arc<dyn BlockDev>>,
+    compress: bool,
     progress: &Progress,
 ) -> Result<()> {
     let size = top.size();
@@ -175,7 +177,7 @@ fn copy_differences(
                         .map_err(|e| anyhow!(describe(&e)))?;
                 }
                 if old_buf[..n] != new_buf[..n] {
-                    top.write_at(&old_buf[..n], at)
+                    write_cluster(top, &old_buf[..n], at, compress)
                         .map_err(|e| anyhow!(describe(&e)))?;
                 }
                 at += cluster;
@@ -186,4 +188,21 @@ fn copy_differences(
         progress.update(off, size);
     }
     top.flush().map_err(|e| anyhow!(describe(&e)))
+}
+
+/// Writes the guest cluster at `at`: compressed when asked and it is a whole cluster that
+/// compresses, else as it is.
+fn write_cluster(
+    top: &Arc<dyn BlockDev>,
+    data: &[u8],
+    at: u64,
+    compress: bool,
+) -> vdisk_formats::Result<()> {
+    let whole = top.compressed_cluster_size() == Some(data.len() as u64);
+    if compress && whole {
+        if let Some(packed) = top.compress_cluster(data)? {
+            return top.write_compressed(at, &packed);
+        }
+    }
+    top.write_at(data, at)
 }
