@@ -3,6 +3,7 @@
 use anyhow::{anyhow, bail, Result};
 use vdisk_formats::image::create_options_help;
 use vdisk_formats::qcow2::amend::{rewrite_header, HeaderChanges};
+use vdisk_formats::qcow2::refcount_width::change_refcount_width;
 use vdisk_formats::{ExtentKind, Format, FormatSpecific};
 
 use crate::errors::{describe, UsageError};
@@ -82,6 +83,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut changes = HeaderChanges::default();
     let mut new_size = None;
+    let mut refcount_order = None;
     for o in &checked {
         match (o.name.as_str(), &o.typed) {
             ("compat", _) => {
@@ -93,8 +95,12 @@ pub fn run(args: Args) -> Result<()> {
             }
             ("lazy_refcounts", Typed::Bool(b)) => changes.lazy_refcounts = Some(*b),
             ("size", Typed::Number(n)) => new_size = Some(*n),
-            ("refcount_bits", Typed::Number(n)) if *n == u64::from(q.refcount_bits) => {}
-            ("refcount_bits", _) => bail!("changing the refcount width is not supported yet"),
+            ("refcount_bits", Typed::Number(n)) => {
+                if !n.is_power_of_two() || *n > 64 {
+                    bail!("Refcount width must be a power of two and may not exceed 64 bits");
+                }
+                refcount_order = Some(n.trailing_zeros());
+            }
             ("backing_file" | "backing_fmt", _) => {
                 bail!("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
             }
@@ -102,6 +108,12 @@ pub fn run(args: Args) -> Result<()> {
                 "Invalid parameter '{name}'\nThis option is only supported for image creation"
             ),
         }
+    }
+    let v2_after = changes.version.map_or(q.compat == "0.10", |v| v == 2);
+    if v2_after && refcount_order.is_some_and(|o| o != 4) {
+        bail!(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
+        );
     }
     if changes.version == Some(2) && changes.lazy_refcounts != Some(true) && q.refcount_bits != 16 {
         bail!("compat=0.10 requires refcount_bits=16");
@@ -116,6 +128,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if changes != HeaderChanges::default() {
         rewrite_header(&image.path, &changes).map_err(|e| anyhow!(describe(&e)))?;
+    }
+    if let Some(order) = refcount_order.filter(|&o| 1 << o != q.refcount_bits) {
+        change_refcount_width(&image.path, order).map_err(|e| anyhow!(describe(&e)))?;
     }
     if let Some(size) = new_size.filter(|&s| s != info.virtual_size) {
         vdisk_formats::resize(

@@ -36,6 +36,7 @@ mod lru;
 mod mapping;
 mod overlap;
 pub mod refcount;
+pub mod refcount_width;
 mod resize;
 pub mod snapshot;
 mod subcluster;
