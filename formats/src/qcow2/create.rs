@@ -162,18 +162,8 @@ fn layout(opts: &CreateOptions, size: u64, crypto_bytes: u64) -> Result<Layout> 
     } else {
         (0, 0)
     };
-    let per_block = cs * 8 / u64::from(opts.refcount_bits);
     let fixed = 1 + l1_clusters + l2_count + data_clusters + crypto_clusters;
-    let (mut rt, mut rb) = (1u64, 1u64);
-    loop {
-        let total = fixed + rt + rb;
-        let nrb = total.div_ceil(per_block);
-        let nrt = (nrb * 8).div_ceil(cs);
-        if (nrb, nrt) == (rb, rt) {
-            break;
-        }
-        (rb, rt) = (nrb.max(rb), nrt.max(rt));
-    }
+    let (rt, rb) = super::refcount::self_covering(fixed, cs, u64::from(opts.refcount_bits));
     if rt * cs > MAX_REFTABLE_BYTES {
         return Err(Error::argument(format!(
             "Image size {size} is too large for cluster size {cs} and refcount_bits {}",

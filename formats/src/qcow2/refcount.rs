@@ -402,6 +402,22 @@ impl Refcounts {
 }
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
+/// The refcount table clusters and refcount blocks that cover `fixed` other clusters plus
+/// themselves, with entries of `refcount_bits`: (table clusters, blocks).
+pub fn self_covering(fixed: u64, cluster_size: u64, refcount_bits: u64) -> (u64, u64) {
+    let per_block = cluster_size * 8 / refcount_bits;
+    let (mut table, mut blocks) = (1u64, 1u64);
+    loop {
+        let need_blocks = (fixed + table + blocks).div_ceil(per_block);
+        let need_table = (need_blocks * 8).div_ceil(cluster_size);
+        if (need_table, need_blocks) == (table, blocks) {
+            return (table, blocks);
+        }
+        // Never shrink: the sizes only grow, so the loop ends.
+        (table, blocks) = (need_table.max(table), need_blocks.max(blocks));
+    }
+}
+
 pub fn get_entry(block: &[u8], order: u32, i: usize) -> u64 {
     let bits = 1usize << order;
     if bits < 8 {

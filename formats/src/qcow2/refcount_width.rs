@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use super::header::{self, incompat, Header, MAX_REFCOUNT_ORDER, MAX_REFTABLE_BYTES};
-use super::refcount::{set_entry, Refcounts};
+use super::refcount::{self_covering, set_entry, Refcounts};
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 
@@ -75,16 +75,7 @@ pub fn change_refcount_width(path: &Path, new_order: u32) -> Result<()> {
     // The new structures go after the end of the file: the table, then the blocks, sized so
     // that the blocks cover themselves too.
     let per_block = (cs * 8) >> new_order;
-    let (mut blocks, mut table_clusters) = (0u64, 0u64);
-    loop {
-        let covered = end + table_clusters + blocks;
-        let b = covered.div_ceil(per_block);
-        let t = (b * 8).div_ceil(cs);
-        if (b, t) == (blocks, table_clusters) {
-            break;
-        }
-        (blocks, table_clusters) = (b, t);
-    }
+    let (table_clusters, blocks) = self_covering(end, cs, 1 << new_order);
     if table_clusters * cs > MAX_REFTABLE_BYTES {
         return Err(Error::NoSpace {
             path: path.to_path_buf(),
