@@ -13,7 +13,9 @@
 
 use std::sync::OnceLock;
 
+use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
+use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes128, Aes192, Aes256, Block};
 
@@ -375,62 +377,99 @@ impl SectorCipher {
     ///
     /// Panics when `data` is not a whole number of sectors (a caller bug, never input data).
     pub fn encrypt(&self, data: &mut [u8], sector_size: usize, iv512: u64) {
-        self.each_sector(data, sector_size, iv512, |c, s, iv| match c.spec.mode {
-            CipherMode::Xts => c.xts(s, iv, true),
-            CipherMode::Cbc => c.cbc_encrypt(s, iv),
-        })
+        self.encrypt_sectors(None, data, sector_size, iv512)
     }
 
     /// Decrypts `data` in place; the counterpart of [`SectorCipher::encrypt`].
     pub fn decrypt(&self, data: &mut [u8], sector_size: usize, iv512: u64) {
-        self.each_sector(data, sector_size, iv512, |c, s, iv| match c.spec.mode {
-            CipherMode::Xts => c.xts(s, iv, false),
+        self.each_sector(data, sector_size, iv512, |c, s, _, iv| match c.spec.mode {
+            CipherMode::Xts => c.xts(None, s, iv, false),
             CipherMode::Cbc => c.cbc_decrypt(s, iv),
+        })
+    }
+
+    /// Encrypts `src` into `dst` (of the same length) as [`SectorCipher::encrypt`] would encrypt
+    /// a copy of it in place; XTS reads `src` in its first pass instead of copying it first.
+    pub fn encrypt_copy(&self, src: &[u8], dst: &mut [u8], sector_size: usize, iv512: u64) {
+        assert_eq!(src.len(), dst.len(), "encrypt_copy needs equal lengths");
+        self.encrypt_sectors(Some(src), dst, sector_size, iv512)
+    }
+
+    /// Encrypts `data` in place, or `src` into `data` when given.
+    fn encrypt_sectors(&self, src: Option<&[u8]>, data: &mut [u8], ss: usize, iv512: u64) {
+        self.each_sector(data, ss, iv512, |c, s, at, iv| {
+            let plain = src.map(|src| &src[at..at + s.len()]);
+            match c.spec.mode {
+                CipherMode::Xts => c.xts(plain, s, iv, true),
+                CipherMode::Cbc => {
+                    if let Some(p) = plain {
+                        s.copy_from_slice(p);
+                    }
+                    c.cbc_encrypt(s, iv)
+                }
+            }
         })
     }
 
     /// [`SectorCipher::encrypt`], split across threads when `data` is large.
     pub fn encrypt_par(&self, data: &mut [u8], sector_size: usize, iv512: u64) {
-        self.par(data, sector_size, iv512, SectorCipher::encrypt)
+        self.par(data, sector_size, iv512, |d, _, iv| {
+            self.encrypt(d, sector_size, iv)
+        })
     }
 
     /// [`SectorCipher::decrypt`], split across threads when `data` is large.
     pub fn decrypt_par(&self, data: &mut [u8], sector_size: usize, iv512: u64) {
-        self.par(data, sector_size, iv512, SectorCipher::decrypt)
+        self.par(data, sector_size, iv512, |d, _, iv| {
+            self.decrypt(d, sector_size, iv)
+        })
     }
 
+    /// [`SectorCipher::encrypt_copy`], split across threads when the data is large.
+    pub fn encrypt_copy_par(&self, src: &[u8], dst: &mut [u8], sector_size: usize, iv512: u64) {
+        assert_eq!(src.len(), dst.len(), "encrypt_copy needs equal lengths");
+        self.par(dst, sector_size, iv512, |d, at, iv| {
+            self.encrypt_copy(&src[at..at + d.len()], d, sector_size, iv)
+        })
+    }
+
+    /// Runs `f(piece, byte_offset, iv)` over `data`: on this thread when it is small, else cut
+    /// into one run of whole sectors per worker thread, this thread taking the last.
     fn par(
         &self,
         data: &mut [u8],
         sector_size: usize,
         iv512: u64,
-        f: fn(&SectorCipher, &mut [u8], usize, u64),
+        f: impl Fn(&mut [u8], usize, u64) + Sync,
     ) {
         let threads = worker_threads();
         if data.len() < PARALLEL_MIN_BYTES || threads < 2 {
-            return f(self, data, sector_size, iv512);
+            return f(data, 0, iv512);
         }
         let sectors = data.len() / sector_size;
         let per = sectors.div_ceil(threads) * sector_size;
+        let f = &f;
         std::thread::scope(|s| {
             let mut chunks = data.chunks_mut(per).enumerate().peekable();
             while let Some((k, chunk)) = chunks.next() {
-                let iv = iv512.wrapping_add((k * per / IV_UNIT) as u64);
+                let at = k * per;
+                let iv = iv512.wrapping_add((at / IV_UNIT) as u64);
                 if chunks.peek().is_none() {
-                    f(self, chunk, sector_size, iv);
+                    f(chunk, at, iv);
                 } else {
-                    s.spawn(move || f(self, chunk, sector_size, iv));
+                    s.spawn(move || f(chunk, at, iv));
                 }
             }
         });
     }
 
+    /// Calls `f(cipher, sector, byte_offset, iv)` for each sector of `data`.
     fn each_sector(
         &self,
         data: &mut [u8],
         sector_size: usize,
         iv512: u64,
-        f: impl Fn(&SectorCipher, &mut [u8], u64),
+        f: impl Fn(&SectorCipher, &mut [u8], usize, u64),
     ) {
         assert!(
             sector_size >= IV_UNIT && sector_size % IV_UNIT == 0 && data.len() % sector_size == 0,
@@ -439,30 +478,41 @@ impl SectorCipher {
         );
         let step = (sector_size / IV_UNIT) as u64;
         for (i, sector) in data.chunks_exact_mut(sector_size).enumerate() {
-            f(self, sector, iv512.wrapping_add(i as u64 * step));
+            f(
+                self,
+                sector,
+                i * sector_size,
+                iv512.wrapping_add(i as u64 * step),
+            );
         }
     }
 
-    /// XTS over one sector (a multiple of 16 bytes: no ciphertext stealing is needed).
-    fn xts(&self, sector: &mut [u8], n: u64, encrypt: bool) {
+    /// XTS over one sector (a multiple of 16 bytes: no ciphertext stealing is needed), in place,
+    /// or from `src` (the same length) into `sector`. The sector is viewed as AES blocks, so the
+    /// data is touched twice only: tweak in before AES, tweak out after it.
+    fn xts(&self, src: Option<&[u8]>, sector: &mut [u8], n: u64, encrypt: bool) {
         let tweak_key = self.tweak.as_ref().expect("xts has a tweak key");
         let mut t = tweak_key.encrypt_u128(self.iv(n));
-        let mut blocks = [Block::default(); BATCH];
+        let (mut blocks, _) = InOutBuf::from(sector).into_chunks::<U16>();
         let mut tweaks = [0u128; BATCH];
-        for batch in sector.chunks_mut(BATCH * 16) {
-            let count = batch.len() / 16;
-            for j in 0..count {
-                tweaks[j] = t;
-                store(&mut blocks[j], load(&batch[j * 16..]) ^ t);
+        for (k, batch) in blocks.get_out().chunks_mut(BATCH).enumerate() {
+            for (j, (block, tweak)) in batch.iter_mut().zip(&mut tweaks).enumerate() {
+                let plain = match src {
+                    Some(src) => load(&src[(k * BATCH + j) * 16..]),
+                    None => load(block),
+                };
+                *tweak = t;
+                store(block, plain ^ t);
                 t = mul_alpha(t);
             }
             if encrypt {
-                self.main.encrypt_blocks(&mut blocks[..count]);
+                self.main.encrypt_blocks(batch);
             } else {
-                self.main.decrypt_blocks(&mut blocks[..count]);
+                self.main.decrypt_blocks(batch);
             }
-            for j in 0..count {
-                store(&mut batch[j * 16..], load(&blocks[j]) ^ tweaks[j]);
+            for (block, tweak) in batch.iter_mut().zip(&tweaks) {
+                let v = load(block) ^ tweak;
+                store(block, v);
             }
         }
     }

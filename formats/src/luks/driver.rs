@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 
 use super::options::LuksCreateOptions;
 use super::volume::LuksVolume;
-use super::{DevRange, HeaderIo, LuksAmend, LuksMetadata, Passphrase};
+use super::{with_scratch, DevRange, HeaderIo, LuksAmend, LuksMetadata, Passphrase};
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
@@ -147,18 +147,16 @@ impl Luks {
 
     /// Encrypts a copy of whole sectors and writes them at the sector-aligned `offset`.
     fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut scratch = vec![0u8; buf.len().min(WRITE_CHUNK)];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(WRITE_CHUNK);
-            let chunk = &mut scratch[..n];
-            chunk.copy_from_slice(&buf[done..done + n]);
-            let at = offset + done as u64;
-            self.volume.encrypt_payload(chunk, at);
-            self.data.write_at(chunk, self.host(at))?;
-            done += n;
-        }
-        Ok(())
+        with_scratch(buf.len().min(WRITE_CHUNK), |scratch| {
+            let mut at = offset;
+            for piece in buf.chunks(WRITE_CHUNK) {
+                let chunk = &mut scratch[..piece.len()];
+                self.volume.encrypt_payload_from(piece, chunk, at);
+                self.data.write_at(chunk, self.host(at))?;
+                at += piece.len() as u64;
+            }
+            Ok(())
+        })
     }
 
     /// Splits `offset..offset+len` into partial-sector and whole-sector pieces and calls

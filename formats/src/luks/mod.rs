@@ -160,6 +160,24 @@ pub fn secret_required(path: &Path) -> Error {
     }
 }
 
+/// Runs `f` on a scratch buffer of `len` bytes (contents unspecified) that this thread keeps
+/// between calls, so encrypting writes neither allocate nor fault in fresh pages every time.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            f(&mut buf[..len])
+        }
+        // Only a nested call (an encrypted image inside another) finds it taken.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
 /// Fills `buf` from the operating system's random source.
 pub(crate) fn random_bytes(path: &Path, buf: &mut [u8]) -> Result<()> {
     getrandom::getrandom(buf).map_err(|e| {

@@ -178,6 +178,13 @@ impl LuksVolume {
             .encrypt_par(data, self.layout.sector_size as usize, iv)
     }
 
+    /// [`LuksVolume::encrypt_payload`] of a copy of `src`, written to `dst` (the same length).
+    pub fn encrypt_payload_from(&self, src: &[u8], dst: &mut [u8], offset: u64) {
+        let iv = self.layout.iv_tweak.wrapping_add(offset / IV_UNIT as u64);
+        let ss = self.layout.sector_size as usize;
+        self.cipher.encrypt_copy_par(src, dst, ss, iv)
+    }
+
     /// Decrypts whole sectors of the data area; the counterpart of
     /// [`LuksVolume::encrypt_payload`].
     pub fn decrypt_payload(&self, data: &mut [u8], offset: u64) {

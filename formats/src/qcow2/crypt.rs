@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 use crate::info::LuksInfo;
 use crate::luks::cipher::IV_UNIT;
-use crate::luks::{HeaderIo, LuksAmend, LuksCreateOptions, LuksMetadata, LuksVolume, Passphrase};
+use crate::luks::{
+    with_scratch, HeaderIo, LuksAmend, LuksCreateOptions, LuksMetadata, LuksVolume, Passphrase,
+};
 
 /// Size of an encryption sector: the unit of the IVs and of read-modify-write.
 pub(super) const SECTOR: u64 = IV_UNIT as u64;
@@ -306,6 +308,13 @@ impl Crypt {
         Ok(())
     }
 
+    /// Encrypts `src` into `dst` for host offset `host`.
+    fn encrypt_from(&self, src: &[u8], dst: &mut [u8], host: u64) -> Result<()> {
+        let cipher = self.volume()?.cipher();
+        cipher.encrypt_copy_par(src, dst, IV_UNIT, host / SECTOR);
+        Ok(())
+    }
+
     fn decrypt(&self, buf: &mut [u8], host: u64) -> Result<()> {
         let cipher = self.volume()?.cipher();
         cipher.decrypt_par(buf, IV_UNIT, host / SECTOR);
@@ -415,16 +424,16 @@ impl Qcow2 {
         };
         sector_pieces(host, buf.len(), |pos, range, whole| {
             if whole {
-                let mut scratch = vec![0u8; range.len().min(CHUNK)];
-                let mut at = pos;
-                for piece in buf[range].chunks(CHUNK) {
-                    let chunk = &mut scratch[..piece.len()];
-                    chunk.copy_from_slice(piece);
-                    c.encrypt(chunk, at)?;
-                    self.file.write_at(chunk, at)?;
-                    at += piece.len() as u64;
-                }
-                return Ok(());
+                return with_scratch(range.len().min(CHUNK), |scratch| {
+                    let mut at = pos;
+                    for piece in buf[range].chunks(CHUNK) {
+                        let chunk = &mut scratch[..piece.len()];
+                        c.encrypt_from(piece, chunk, at)?;
+                        self.file.write_at(chunk, at)?;
+                        at += piece.len() as u64;
+                    }
+                    Ok(())
+                });
             }
             let (start, at) = (pos - pos % SECTOR, (pos % SECTOR) as usize);
             let mut sector = [0u8; SECTOR as usize];

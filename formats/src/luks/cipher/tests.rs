@@ -23,6 +23,13 @@ fn check(spec: CipherSpec, len: usize, sector: usize, iv512: u64, want_sha256: &
     assert_eq!(hex(&HashAlg::Sha256.digest(&[&data])), want_sha256);
     c.decrypt_par(&mut data, sector, iv512);
     assert_eq!(data, plain);
+    // Encrypting from the caller's buffer into another gives the same ciphertext, on one thread
+    // or several.
+    let mut copy = vec![0xeeu8; len];
+    c.encrypt_copy_par(&plain, &mut copy, sector, iv512);
+    assert_eq!(hex(&HashAlg::Sha256.digest(&[&copy])), want_sha256);
+    c.encrypt_copy(&plain, &mut data, sector, iv512);
+    assert_eq!(data, copy);
 }
 
 #[test]
