@@ -263,25 +263,49 @@ pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
 }
 
 /// The files of a chain read as plain files, to tell which parts of a layer's data clusters are
-/// holes in the host file: QEMU reports those (and what lies past the end of the file) as
-/// reading zero, and `map` and `measure` show it.
+/// holes in the host file. QEMU reports those (and what lies past the end of the file) as
+/// reading zero, and `map` and `measure` show it, for qcow2 layers only when it guesses that
+/// they were made with metadata preallocation ([`vdisk_formats::qcow2::metadata_prealloc`]).
 pub struct HostFiles {
     paths: Vec<PathBuf>,
+    formats: Vec<String>,
     files: Vec<Option<Arc<dyn BlockDev>>>,
+    /// Whether the holes of each layer's file count, once known.
+    holes_count: Vec<Option<bool>>,
 }
 
 impl HostFiles {
     pub fn new(layers: &[Layer]) -> HostFiles {
         HostFiles {
             paths: layers.iter().map(|l| l.path.clone()).collect(),
+            formats: layers.iter().map(|l| l.info.format.clone()).collect(),
             files: layers.iter().map(|_| None).collect(),
+            holes_count: layers.iter().map(|_| None).collect(),
         }
     }
 
+    /// Whether QEMU looks at the host file of layer `d` for holes.
+    fn holes_count(&mut self, d: usize) -> Result<bool> {
+        if let Some(known) = self.holes_count[d] {
+            return Ok(known);
+        }
+        let known = if self.formats[d] == "qcow2" {
+            vdisk_formats::qcow2::metadata_prealloc::metadata_preallocated(&self.paths[d])
+                .map_err(|e| anyhow!(describe(&e)))?
+        } else {
+            true
+        };
+        self.holes_count[d] = Some(known);
+        Ok(known)
+    }
+
     /// How many bytes from `host` (at most `len`) in the file of layer `depth` share one state,
-    /// and whether they are a hole (or past the end of the file).
+    /// and whether they are a hole (or past the end of the file) that reads as zero.
     pub fn run(&mut self, depth: u32, host: u64, len: u64) -> Result<(u64, bool)> {
         let d = depth as usize;
+        if !self.holes_count(d)? {
+            return Ok((len, false));
+        }
         if self.files[d].is_none() {
             let opts = OpenOptions {
                 format: Some(Format::Raw),

@@ -123,6 +123,13 @@ const CASES: &[Case] = &[
     Case { args: &["map", "--output=foo", "raw.img"], ..C },
     Case { args: &["map", "--start-offset", "1X", "raw.img"], ..C },
     Case { args: &["map", "missing.img"], ..C },
+    Case { args: &["map", "pm.qcow2"], prep: &[PREALLOC_METADATA], ..C },
+    Case { args: &["map", "--output=json", "pm.qcow2"], prep: &[PREALLOC_METADATA], stdout: Out::Json, ..C },
+    Case { args: &["measure", "-O", "qcow2", "pm.qcow2"], prep: &[PREALLOC_METADATA], ..C },
+    Case { args: &["map", "pf.qcow2"], prep: &[PREALLOC_FALLOC], ..C },
+    Case { args: &["map", "--output=json", "pf.qcow2"], prep: &[PREALLOC_FALLOC], stdout: Out::Json, ..C },
+    Case { args: &["measure", "-O", "qcow2", "pf.qcow2"], prep: &[PREALLOC_FALLOC], ..C },
+    Case { args: &["measure", "--output=json", "-O", "raw", "pf.qcow2"], prep: &[PREALLOC_FALLOC], stdout: Out::Json, ..C },
     // --- compare ----------------------------------------------------------------------------------------
     Case { args: &["compare", "raw.img", "raw.img"], ..C },
     Case { args: &["compare", "raw.img", "q.qcow2"], ..C },
@@ -287,6 +294,28 @@ const CASES: &[Case] = &[
 ];
 
 const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
+/// Images whose clusters are all allocated: over holes of the file (QEMU guesses metadata
+/// preallocation and reports them as zero), and over allocated, unwritten space (data).
+const PREALLOC_METADATA: &[&str] = &[
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "-o",
+    "preallocation=metadata",
+    "pm.qcow2",
+    "4M",
+];
+const PREALLOC_FALLOC: &[&str] = &[
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "-o",
+    "preallocation=falloc",
+    "pf.qcow2",
+    "4M",
+];
 const LUKS_IMAGE: &str = "driver=luks,key-secret=s0,file.filename=l.luks";
 const ENC_QCOW2_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2";
 const ENC_QCOW2_FROM_RAW: &[&str] = &[
@@ -361,8 +390,23 @@ fn make_fixture(dir: &Path) {
     // bm.qcow2 has an enabled bitmap b0 with the bits of its writes, and a disabled one, off.
     qemu(dir, &["create", "-q", "-f", "qcow2", "bm.qcow2", "8M"]);
     qemu(dir, &["bitmap", "--add", "bm.qcow2", "b0"]);
-    qemu(dir, &["bitmap", "--add", "-g", "128k", "--disable", "bm.qcow2", "off"]);
-    common::qemu_io("qcow2", &dir.join("bm.qcow2"), &["write -P 1 100k 300k", "write -z 2M 64k", "write 5M 1k"]);
+    qemu(
+        dir,
+        &[
+            "bitmap",
+            "--add",
+            "-g",
+            "128k",
+            "--disable",
+            "bm.qcow2",
+            "off",
+        ],
+    );
+    common::qemu_io(
+        "qcow2",
+        &dir.join("bm.qcow2"),
+        &["write -P 1 100k 300k", "write -z 2M 64k", "write 5M 1k"],
+    );
     // snap.qcow2 holds snapshot s1 of its first contents, then newer data.
     qemu(dir, &["snapshot", "-c", "s1", "snap.qcow2"]);
     common::qemu_io("qcow2", &dir.join("snap.qcow2"), &["write -P 2 0 128k"]);

@@ -165,6 +165,11 @@ pub fn run(args: Args) -> Result<()> {
                 let Some(offset) = e.offset else {
                     bail!("File contains external, encrypted or compressed clusters.");
                 };
+                // Clusters that read as zero (preallocated metadata over holes of the host
+                // file) are not listed, as qemu-img leaves them out.
+                if e.zero {
+                    continue;
+                }
                 let name = layers
                     .get(e.depth as usize)
                     .map_or(String::new(), |l| l.path.display().to_string());

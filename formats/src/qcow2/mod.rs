@@ -34,6 +34,7 @@ pub mod header;
 mod l2_cache;
 mod lru;
 mod mapping;
+pub mod metadata_prealloc;
 mod overlap;
 pub mod refcount;
 pub mod refcount_width;
