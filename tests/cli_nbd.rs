@@ -257,6 +257,12 @@ fn tcp_export_with_name_description_and_allocation_depth() {
     assert_eq!(strip(json(&ours)), strip(json(&theirs)));
 }
 
+/// Whether a persistent (`-t`) server accepts connections on `sock`: the socket file appears
+/// at bind(), before the server listens, so its existence alone is not enough.
+fn listening(sock: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(sock).is_ok()
+}
+
 /// A link named `qemu-nbd` to the vdisk binary.
 fn vdisk_as_qemu_nbd(dir: &Path) -> PathBuf {
     let link = dir.join("qemu-nbd");
@@ -304,7 +310,7 @@ fn qemu_nbd_list_output_matches_between_the_two_servers_and_the_two_listers() {
             &[img.to_str().unwrap()],
         ]
         .concat(),
-        move || t.exists(),
+        move || listening(&t),
     );
     let list = |program: &Path, sock: &Path| {
         run(Command::new(program).args(["-L", "-k", sock.to_str().unwrap()]))
@@ -675,7 +681,7 @@ fn tls_export_with_certtool_certificates() {
                 sock3.to_str().unwrap(),
                 img.to_str().unwrap(),
             ],
-            move || s3.exists(),
+            move || listening(&s3),
         );
         let fake = vdisk_as_qemu_nbd(dir.path());
         let client = format!(
