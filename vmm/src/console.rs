@@ -108,21 +108,24 @@ pub(crate) struct Console {
 
 impl Console {
     /// Starts reading stdin into the UART of `devices`, in a thread confined to `filter` when
-    /// given.
+    /// given. Returns `None` when stdin gives no input to wait for (`/dev/null`, a regular
+    /// file: epoll refuses those), so no thread is started.
     pub fn start(
         devices: Arc<Devices>,
         exit: Arc<VmExit>,
         filter: Option<Arc<ThreadFilter>>,
-    ) -> Result<Self> {
+    ) -> Result<Option<Self>> {
         let stdin = io::stdin();
         let fd = stdin.as_raw_fd();
+        let epoll = Epoll::new().map_err(|e| Error::os("epoll_create", e))?;
+        if epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+            .is_err()
+        {
+            return Ok(None);
+        }
         let raw = RawMode::enter(fd)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::os("eventfd", e))?;
-        let epoll = Epoll::new().map_err(|e| Error::os("epoll_create", e))?;
-        epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
-            // A stdin epoll cannot watch (a regular file): no input then.
-            .ok();
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -138,11 +141,11 @@ impl Console {
             "spawning the console thread",
             move || input_loop(fd, epoll, thread_stop, devices, exit),
         )?;
-        Ok(Console {
+        Ok(Some(Console {
             stop,
             thread: Some(thread),
             _raw: raw,
-        })
+        }))
     }
 }
 

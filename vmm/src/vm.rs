@@ -17,7 +17,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
-use vdisk_formats::BlockDev;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -44,7 +43,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     devices: Arc<Devices>,
     exit: Arc<VmExit>,
-    disks: Vec<Arc<dyn BlockDev>>,
+    disks: Vec<Disk>,
     serial: SerialConfig,
     boot_mode: regs::EntryMode,
     /// `None` with seccomp off.
@@ -162,11 +161,8 @@ impl Vm {
         for (i, disk) in cfg.disks.iter().enumerate() {
             let addr = layout::virtio_mmio_addr(i);
             let gsi = layout::virtio_gsi(i);
-            let block = Block::new(
-                Disk::new(disk.dev.clone(), disk.read_only, &disk.id),
-                format!("vdisk-blk{i}"),
-                io_filter.clone(),
-            )?;
+            let served = Disk::new(disk.dev.clone(), disk.read_only, &disk.id);
+            let block = Block::new(served.clone(), format!("vdisk-blk{i}"), io_filter.clone())?;
             let irq = eventfd()?;
             vm_fd
                 .register_irqfd(&irq, gsi)
@@ -186,7 +182,7 @@ impl Vm {
                 .map_err(Error::Cmdline)?;
             transports.push(transport);
             windows.push(VirtioMmioWindow { addr, gsi });
-            disks.push(disk.dev.clone());
+            disks.push(served);
         }
 
         // Kernel, initrd, boot structures, ACPI.
@@ -256,11 +252,11 @@ impl Vm {
         vcpu::install_kick_handler()?;
         let filter = |kind| self.filters.as_ref().map(|f| f.get(kind));
         let console = match self.serial {
-            SerialConfig::Stdio => Some(Console::start(
+            SerialConfig::Stdio => Console::start(
                 self.devices.clone(),
                 self.exit.clone(),
                 filter(ThreadKind::Console),
-            )?),
+            )?,
             _ => None,
         };
         let gate = Arc::new(StartGate::default());
@@ -293,12 +289,13 @@ impl Vm {
         drop(console);
         self.devices.stop_virtio();
         let mut flushed = Ok(());
-        for dev in &self.disks {
-            if let Err(e) = dev.flush() {
+        // A disk the guest flushed after its last write has nothing left to flush.
+        for disk in self.disks.iter().filter(|d| d.needs_flush()) {
+            if let Err(e) = disk.flush() {
                 flushed = flushed.and(Err(Error::Disk {
                     spec: format!(
                         "{} (flush at exit)",
-                        dev.info().map(|i| i.filename).unwrap_or_default()
+                        disk.dev.info().map(|i| i.filename).unwrap_or_default()
                     ),
                     source: e,
                 }));

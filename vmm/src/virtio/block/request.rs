@@ -15,6 +15,7 @@
 //! byte cannot be answered and is returned with a used length of 0; any other defect answers
 //! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vdisk_formats::{BlockDev, ErrorKind, ZeroFlags};
@@ -48,6 +49,9 @@ pub struct Disk {
     pub read_only: bool,
     /// Serial number, zero padded.
     pub id: [u8; ID_LEN],
+    /// Whether something may have been written since the last successful flush (shared by the
+    /// clones: the VM flushes at exit only the disks that need it).
+    unflushed: Arc<AtomicBool>,
 }
 
 impl Disk {
@@ -60,7 +64,29 @@ impl Disk {
             dev,
             read_only,
             id: bytes,
+            // Opening may have written (a qcow2 dirty bit, a repair): flushed unless the guest
+            // flushes.
+            unflushed: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Whether data may have been written since the last successful flush.
+    pub fn needs_flush(&self) -> bool {
+        self.unflushed.load(Ordering::SeqCst)
+    }
+
+    /// Flushes the device, recording that nothing is left unflushed if it succeeds.
+    pub fn flush(&self) -> vdisk_formats::Result<()> {
+        self.unflushed.store(false, Ordering::SeqCst);
+        let flushed = self.dev.flush();
+        if flushed.is_err() {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        flushed
+    }
+
+    fn mark_written(&self) {
+        self.unflushed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -326,7 +352,13 @@ pub fn execute(req: &Request, mem: &GuestMemoryMmap, disk: &Disk, buf: &mut Vec<
             let Some(offset) = byte_range(disk, req.sector, len) else {
                 return ioerr;
             };
-            buf.resize(CHUNK, 0);
+            // Grown to the largest request seen (at most CHUNK), so small I/O keeps it small.
+            if buf.len() < CHUNK.min(len as usize) {
+                buf.resize(CHUNK.min(len as usize), 0);
+            }
+            if req.kind == RequestKind::Out {
+                disk.mark_written();
+            }
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(CHUNK as u64) as usize;
@@ -354,7 +386,7 @@ pub fn execute(req: &Request, mem: &GuestMemoryMmap, disk: &Disk, buf: &mut Vec<
                 0
             })
         }
-        RequestKind::Flush => match disk.dev.flush() {
+        RequestKind::Flush => match disk.flush() {
             Ok(()) => Completion::ok(0),
             Err(e) => dev_err(e),
         },
@@ -402,6 +434,7 @@ fn discard_or_zero(req: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Complet
         return ioerr;
     }
     let bytes = u64::from(num_sectors) * SECTOR_SIZE;
+    disk.mark_written();
     let Some(offset) = byte_range(disk, sector, bytes) else {
         return ioerr;
     };

@@ -149,6 +149,25 @@ fn flush_succeeds() {
 }
 
 #[test]
+fn only_writes_after_the_last_flush_leave_the_disk_needing_one() {
+    let rig = Rig::new(false);
+    assert!(rig.disk.needs_flush(), "a fresh disk (opening may write)");
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(rig.serve(&[(HDR, 16, 0), (STATUS, 1, W)]).2, OK);
+    assert!(!rig.disk.needs_flush());
+    assert_eq!(rig.request(VIRTIO_BLK_T_IN, 2, 512, W).1, OK);
+    assert!(!rig.disk.needs_flush(), "a read");
+    assert_eq!(rig.request(VIRTIO_BLK_T_OUT, 2, 512, 0).1, OK);
+    assert!(rig.disk.needs_flush(), "a write");
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(rig.serve(&[(HDR, 16, 0), (STATUS, 1, W)]).2, OK);
+    assert!(!rig.disk.needs_flush());
+    dwz_segment(&rig, 4, 1, 0);
+    assert_eq!(rig.request(VIRTIO_BLK_T_DISCARD, 0, 16, 0).1, OK);
+    assert!(rig.disk.needs_flush(), "a discard");
+}
+
+#[test]
 fn get_id_returns_the_first_20_bytes_of_the_serial() {
     let rig = Rig::new(false);
     let (used, status) = rig.request(VIRTIO_BLK_T_GET_ID, 0, 32, W);
