@@ -2,7 +2,9 @@
 //! external data file) names a host file holding a secret. Under `follow` (qemu-img's behaviour)
 //! the secret shows through, as it does with qemu-img itself; under `require-format` an image that
 //! does not record the backing format is refused, and under `refuse` every image that names
-//! another file is, by every command that reads images, without the secret reaching any output.
+//! another file is, by every command that reads images or opens their chain, without the secret
+//! reaching any output. `info` opens no backing or data file; `create -b` opens the backing file
+//! the user names, and the chain below it under the policy.
 
 mod common;
 
@@ -100,8 +102,8 @@ fn contains_secret(bytes: &[u8]) -> bool {
     bytes.windows(SECRET.len()).any(|w| w == SECRET)
 }
 
-/// The commands that read an image's data (or walk its chain), for `image` and a fresh output
-/// file in `dir`.
+/// The commands that read an image's data or open its chain (resize opens it as qemu-img does),
+/// for `image` and a fresh output file in `dir`.
 fn reading_commands(image: &str, out: &str) -> Vec<Vec<String>> {
     let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     vec![
@@ -119,6 +121,7 @@ fn reading_commands(image: &str, out: &str) -> Vec<Vec<String>> {
         v(&["info", "--backing-chain", image]),
         v(&["measure", "-O", "qcow2", image]),
         v(&["bench", "-c", "1", image]),
+        v(&["resize", image, "+64K"]),
     ]
 }
 
@@ -221,11 +224,10 @@ fn refuse_refuses_any_backing_file() {
     }
 }
 
-#[test]
-fn refuse_refuses_an_external_data_file() {
-    let dir = temp_dir();
-    let data = dir.path().join("data.raw");
-    let image = dir.path().join("data-file.qcow2");
+/// A qcow2 image made by qemu-img whose external data file `data.raw` holds the secret.
+fn image_with_data_file(dir: &Path) -> (PathBuf, PathBuf) {
+    let data = dir.join("data.raw");
+    let image = dir.join("data-file.qcow2");
     let opts = format!("data_file={},data_file_raw=on", data.display());
     qemu_img([
         "create",
@@ -239,7 +241,14 @@ fn refuse_refuses_an_external_data_file() {
     ])
     .ok();
     // The data file now holds the secret, as if the image named a host file.
-    std::fs::copy(secret_file(dir.path()), &data).unwrap();
+    std::fs::copy(secret_file(dir), &data).unwrap();
+    (image, data)
+}
+
+#[test]
+fn refuse_refuses_an_external_data_file() {
+    let dir = temp_dir();
+    let (image, data) = image_with_data_file(dir.path());
     let out = dir.path().join("out.raw");
     convert_to_raw(Some("require-format"), &image, &out).ok();
     assert!(contains_secret(&std::fs::read(&out).unwrap()));
@@ -249,6 +258,137 @@ fn refuse_refuses_an_external_data_file() {
     let needle = format!("external data file '{}' refused", data.display());
     assert!(refused.stderr.contains(&needle), "{}", refused.stderr);
     assert!(!out.exists() || !contains_secret(&std::fs::read(&out).unwrap()));
+}
+
+/// Commands that open each image of a chain without its backing file (map, measure, resize's
+/// look at the current size) open the external data file under the policy too.
+#[test]
+fn images_opened_without_their_backing_file_obey_the_policy_for_the_data_file() {
+    let dir = temp_dir();
+    let (image, data) = image_with_data_file(dir.path());
+    let image_s = image.to_str().unwrap();
+    let needle = format!("external data file '{}' refused", data.display());
+    for args in [
+        vec!["map", "--output=json", image_s],
+        vec!["measure", "-O", "qcow2", image_s],
+        vec!["resize", image_s, "128K"],
+    ] {
+        let out = vdisk_env(Some("refuse"), &args);
+        assert_ne!(out.code, Some(0), "{args:?}: {out:#?}");
+        assert!(out.stderr.contains(&needle), "{args:?}: {}", out.stderr);
+        assert!(!contains_secret(out.stdout.as_bytes()), "{args:?}");
+    }
+    // Under follow map reads the data file's allocation, as qemu-img does.
+    let ours = vdisk_env(None, &["map", "--output=json", image_s]).ok();
+    let theirs = qemu_img(["map", "--output=json", image_s]).ok();
+    assert_eq!(json(&ours), json(&theirs));
+}
+
+/// `info` opens no external data file under any policy, as qemu-img's `info` does not (QEMU
+/// opens images for it with BDRV_O_NO_IO): it shows what an untrusted image names, even when the
+/// data file is missing.
+#[test]
+fn info_opens_no_data_file() {
+    let dir = temp_dir();
+    let (image, data) = image_with_data_file(dir.path());
+    let image_s = image.to_str().unwrap();
+    for missing in [false, true] {
+        if missing {
+            std::fs::remove_file(&data).unwrap();
+        }
+        for policy in ["follow", "refuse"] {
+            for chain in [&[][..], &["--backing-chain"][..]] {
+                let mut args = vec!["--backing-policy", policy, "info", "--output=json"];
+                args.extend(chain);
+                args.push(image_s);
+                let out = vdisk_env(None, &args);
+                assert_eq!(
+                    out.code,
+                    Some(0),
+                    "{args:?} (data file missing: {missing}): {out:#?}"
+                );
+                let theirs = qemu_img(["info", "--output=json", image_s]).ok();
+                let size = |o: &Outcome| json(o)["virtual-size"].clone();
+                let ours = if chain.is_empty() {
+                    size(&out)
+                } else {
+                    json(&out)[0]["virtual-size"].clone()
+                };
+                assert_eq!(ours, size(&theirs), "{args:?}");
+            }
+        }
+    }
+}
+
+/// `create -b BACKING`: the backing file the user names is the user's choice and is opened under
+/// every policy (to take its size, as qemu-img does), but the files it names in turn obey the
+/// policy; `-u` opens nothing.
+#[test]
+fn create_opens_the_named_backing_file_and_its_chain_under_the_policy() {
+    let dir = temp_dir();
+    let secret = secret_file(dir.path());
+    let plain = dir.path().join("plain.qcow2");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        plain.to_str().unwrap(),
+        "64K",
+    ])
+    .ok();
+    let unrecorded = hostile_image(dir.path(), "unrecorded.qcow2", &secret, false);
+    let recorded = hostile_image(dir.path(), "recorded.qcow2", &secret, true);
+    let create = |policy: &str, backing: &Path, name: &str, unsafe_open: bool| {
+        let top = dir.path().join(name);
+        let mut args = vec!["--backing-policy", policy, "create", "-f", "qcow2"];
+        args.extend(["-b", backing.to_str().unwrap(), "-F", "qcow2"]);
+        if unsafe_open {
+            args.push("-u");
+        }
+        args.push(top.to_str().unwrap());
+        if unsafe_open {
+            args.push("64K");
+        }
+        (vdisk_env(None, &args), top)
+    };
+    let needle = format!("backing file '{}' refused", secret.display());
+    for (policy, refused) in [
+        ("refuse", vec![&unrecorded, &recorded]),
+        ("require-format", vec![&unrecorded]),
+    ] {
+        let (out, top) = create(policy, &plain, &format!("plain-{policy}.qcow2"), false);
+        out.ok();
+        let info = qemu_img(["info", "--output=json", top.to_str().unwrap()]).ok();
+        assert_eq!(json(&info)["backing-filename"], plain.to_str().unwrap());
+        for backing in refused {
+            let (out, top) = create(policy, backing, "refused.qcow2", false);
+            assert_ne!(out.code, Some(0), "{policy}: {out:#?}");
+            assert!(out.stderr.contains(&needle), "{policy}: {}", out.stderr);
+            assert!(
+                out.stderr.contains(&format!("(backing policy {policy})")),
+                "{}",
+                out.stderr
+            );
+            assert!(!top.exists(), "{policy}: the image was created");
+            // -u does not open the backing file: the new image just names it.
+            let (out, top) = create(policy, backing, "unsafe.qcow2", true);
+            out.ok();
+            assert!(top.exists());
+            // Reading the new image then obeys the policy like any other.
+            let raw = dir.path().join("unsafe.raw");
+            let read = convert_to_raw(Some(policy), &top, &raw);
+            assert_ne!(read.code, Some(0), "{policy}: {read:#?}");
+            assert!(!raw.exists() || !contains_secret(&std::fs::read(&raw).unwrap()));
+            std::fs::remove_file(&top).unwrap();
+        }
+    }
+    // Under follow the chain below the named backing file is opened, as qemu-img opens it.
+    let (out, top) = create("follow", &unrecorded, "follow.qcow2", false);
+    out.ok();
+    let raw = dir.path().join("follow.raw");
+    convert_to_raw(None, &top, &raw).ok();
+    assert!(contains_secret(&std::fs::read(&raw).unwrap()));
 }
 
 #[test]

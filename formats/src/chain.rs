@@ -27,7 +27,8 @@ pub enum BackingPolicy {
     RequireFormat,
     /// Refuse every image that names a backing file or an external data file: opening an
     /// untrusted image then reads no other file. (To open such an image without its backing
-    /// file, use [`crate::OpenOptions::no_backing`].)
+    /// file, use [`crate::OpenOptions::no_backing`]; an external data file is refused even then,
+    /// since reads need it. Describing an image for `info` opens neither.)
     Refuse,
 }
 

@@ -109,7 +109,8 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     pub read_only: bool,
     /// Do not open backing files (unallocated ranges then read as zero), like QEMU's
-    /// `BDRV_O_NO_BACKING`; used to describe one layer of a chain.
+    /// `BDRV_O_NO_BACKING`; used to describe one layer of a chain. An external data file is
+    /// still opened, under `backing_policy`.
     pub no_backing: bool,
     /// Which backing files (and external data files) the image and those below it may make
     /// vdisk open; QEMU follows them all ([`BackingPolicy::Follow`], the default).
@@ -139,13 +140,7 @@ pub fn open_with_secret(
         (Format::Qcow2, Some(pw)) => {
             let mut ctx = ChainCtx::new(opts.backing_policy);
             ctx.enter(path)?;
-            let chain = (!opts.no_backing).then_some(&mut ctx);
-            Ok(Arc::new(Qcow2::open_with_secret(
-                path,
-                opts.read_only,
-                chain,
-                Some(pw),
-            )?))
+            Ok(Arc::new(open_qcow2(path, opts, &mut ctx, Some(pw))?))
         }
         _ => open(
             path,
@@ -186,12 +181,24 @@ pub(crate) fn open_layer(
     };
     Ok(match format {
         Format::Raw => Arc::new(Raw::open(path, opts.read_only)?),
-        Format::Qcow2 => {
-            let backing = if opts.no_backing { None } else { Some(ctx) };
-            Arc::new(Qcow2::open_with(path, opts.read_only, backing)?)
-        }
+        Format::Qcow2 => Arc::new(open_qcow2(path, opts, ctx, None)?),
         Format::Luks => return Err(luks::secret_required(path)),
     })
+}
+
+/// Opens a qcow2 image of a chain (`ctx` already includes it) as `opts` says: with its backing
+/// chain, or alone, its external data file opened under the policy either way.
+fn open_qcow2(
+    path: &Path,
+    opts: OpenOptions,
+    ctx: &mut ChainCtx,
+    secret: Option<&Passphrase>,
+) -> Result<Qcow2> {
+    if opts.no_backing {
+        Qcow2::open_alone(path, opts.read_only, ctx.policy, secret)
+    } else {
+        Qcow2::open_with_secret(path, opts.read_only, Some(ctx), secret)
+    }
 }
 
 /// Options for creating an image of some format.
@@ -530,13 +537,49 @@ pub fn resize_with_secret(
     prealloc: Preallocation,
     secret: Option<&Passphrase>,
 ) -> Result<()> {
-    let format = match format {
+    let opts = ResizeOptions {
+        format,
+        shrink,
+        preallocation: prealloc,
+        backing_policy: BackingPolicy::Follow,
+    };
+    resize_image(path, new_size, opts, secret)
+}
+
+/// How [`resize_image`] changes an image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResizeOptions {
+    /// The format; probed when `None`.
+    pub format: Option<Format>,
+    /// Allow a new size smaller than the current one.
+    pub shrink: bool,
+    /// How new space is allocated.
+    pub preallocation: Preallocation,
+    /// Which backing files (and external data files) a qcow2 image may make vdisk open: resizing
+    /// opens its chain, as qemu-img does, so that new space reads as zero over a backing file.
+    pub backing_policy: BackingPolicy,
+}
+
+/// Changes the virtual size of an image to `new_size` as `opts` says (see
+/// [`resize_with_secret`]); a qcow2 image that names a file the backing policy refuses is
+/// refused before anything changes.
+pub fn resize_image(
+    path: &Path,
+    new_size: u64,
+    opts: ResizeOptions,
+    secret: Option<&Passphrase>,
+) -> Result<()> {
+    let format = match opts.format {
         Some(f) => f,
         None => probe(path)?,
     };
+    let (shrink, prealloc) = (opts.shrink, opts.preallocation);
     match format {
         Format::Raw => Raw::resize(path, new_size, shrink, prealloc),
-        Format::Qcow2 => qcow2::resize_with_secret(path, new_size, shrink, prealloc, secret),
+        Format::Qcow2 => {
+            let policy = opts.backing_policy;
+            qcow2::resize_under(path, new_size, shrink, prealloc, secret, policy)
+        }
         Format::Luks => Err(Error::unsupported(
             path,
             "resizing LUKS images is not supported yet",

@@ -1,7 +1,7 @@
 //! `vdisk resize`: change the virtual size of an image.
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::{Format, Preallocation};
+use vdisk_formats::{Format, Preallocation, ResizeOptions};
 
 use crate::errors::{describe, UsageError};
 use crate::image_args::ImageOpts;
@@ -73,7 +73,8 @@ pub fn run(args: Args) -> Result<()> {
     let change = parse_change(size)?;
     let image = args.image.image(file)?;
     let format = image.format_or_probe(false)?;
-    let current = image.open_as(format, true, true)?.size();
+    // The chain is opened as qemu-img opens it, under the backing policy.
+    let current = image.open_as(format, true, false)?.size();
     let new_size = match change {
         Change::To(n) => i128::from(n),
         Change::Grow(n) => i128::from(current) + i128::from(n),
@@ -97,7 +98,13 @@ pub fn run(args: Args) -> Result<()> {
     if prealloc == Preallocation::Metadata && format != Format::Qcow2 {
         bail!("Unsupported preallocation mode: metadata");
     }
-    vdisk_formats::resize(&image.path, Some(format), new_size, true, prealloc)
+    let opts = ResizeOptions {
+        format: Some(format),
+        shrink: true,
+        preallocation: prealloc,
+        backing_policy: crate::backing_policy::get(),
+    };
+    vdisk_formats::resize_image(&image.path, new_size, opts, None)
         .map_err(|e| anyhow!(describe(&e)))?;
     if !args.quiet {
         println!("Image resized.");

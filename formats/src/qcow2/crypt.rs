@@ -397,6 +397,12 @@ impl Qcow2 {
 
     /// Reads guest data stored at host offset `host` (any alignment), decrypted.
     pub(super) fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        if self.data_file_closed {
+            return Err(Error::unsupported(
+                self.path(),
+                "the image was opened for its metadata only: its external data file is not open",
+            ));
+        }
         let file = self.data_file.as_ref().unwrap_or(&self.file);
         let Some(c) = &self.crypt else {
             return file.read_at(buf, host);

@@ -56,7 +56,7 @@ use l2_cache::L2Cache;
 use mapping::Mapping;
 use overlap::MetadataClusters;
 use refcount::Refcounts;
-pub use resize::{resize, resize_with_secret};
+pub use resize::{resize, resize_under, resize_with_secret};
 
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 use crate::chain::{self, ChainCtx};
@@ -165,6 +165,9 @@ pub struct Qcow2 {
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// The external data file holding the guest data, when the image has one (read-only).
     data_file: Option<HostFile>,
+    /// The image has an external data file that was left closed (an open for metadata only,
+    /// [`Qcow2::open_metadata`]): data reads fail instead of reading the image file.
+    data_file_closed: bool,
     /// The unlocked LUKS header of an encrypted image.
     crypt: Option<Crypt>,
     /// Persistent dirty bitmaps (bitmaps/); lock before `meta`.
@@ -194,6 +197,17 @@ impl Qcow2 {
         Self::open_with_secret(path, read_only, chain, None)
     }
 
+    /// Opens a qcow2 image with its backing file closed (like [`Qcow2::open_with`] without a
+    /// chain), opening the external data file it may name only if `policy` allows.
+    pub fn open_alone(
+        path: &Path,
+        read_only: bool,
+        policy: chain::BackingPolicy,
+        secret: Option<&Passphrase>,
+    ) -> Result<Self> {
+        Self::open_under(path, read_only, None, policy, Key::Passphrase(secret))
+    }
+
     /// [`Qcow2::open_with`], with the passphrase of an encrypted (`encrypt.format=luks`) image.
     /// Without one an encrypted image fails with `InvalidArgument` ("Parameter
     /// 'encrypt.key-secret' is required for cipher"); a wrong one with "Invalid password, cannot
@@ -208,10 +222,10 @@ impl Qcow2 {
         Self::open_keyed(path, read_only, chain, Key::Passphrase(secret))
     }
 
-    /// Closes the image and opens it again with its backing chain, keeping the unlocked
-    /// encryption header (no second key derivation); for changes that the open image does not
-    /// follow (a new size).
-    fn reopen(mut self) -> Result<Self> {
+    /// Closes the image and opens it again with its backing chain under `policy`, keeping the
+    /// unlocked encryption header (no second key derivation); for changes that the open image
+    /// does not follow (a new size).
+    fn reopen(mut self, policy: chain::BackingPolicy) -> Result<Self> {
         let path = self.path().to_path_buf();
         let read_only = self.read_only;
         let key = match self.crypt.take() {
@@ -219,15 +233,30 @@ impl Qcow2 {
             None => Key::Passphrase(None),
         };
         drop(self);
-        let mut ctx = ChainCtx::default();
+        let mut ctx = ChainCtx::new(policy);
         ctx.enter(&path)?;
         Self::open_keyed(&path, read_only, Some(&mut ctx), key)
     }
 
+    /// Opens the image with the policy of `chain`, or QEMU's without one.
     fn open_keyed(
         path: &Path,
         read_only: bool,
         chain: Option<&mut ChainCtx>,
+        key: Key,
+    ) -> Result<Self> {
+        let policy = chain.as_ref().map_or_else(Default::default, |c| c.policy);
+        Self::open_under(path, read_only, chain, policy, key)
+    }
+
+    /// Opens the image; `chain` opens its backing chain (`None` leaves the backing file closed),
+    /// and `policy` says whether the external data file it may name can be opened (an open for
+    /// metadata only never opens it, as QEMU's `BDRV_O_NO_IO` open for `qemu-img info` does not).
+    fn open_under(
+        path: &Path,
+        read_only: bool,
+        chain: Option<&mut ChainCtx>,
+        policy: chain::BackingPolicy,
         key: Key,
     ) -> Result<Self> {
         let file = Arc::new(HostFile::open(path, read_only)?);
@@ -252,8 +281,9 @@ impl Qcow2 {
                     format!("repairing the refcounts of a dirty image failed: {why}"),
                 ));
             }
-            return Self::open_keyed(path, read_only, chain, key);
+            return Self::open_under(path, read_only, chain, policy, key);
         }
+        let metadata_only = matches!(key, Key::MetadataOnly);
         let crypt = match (crypto, key) {
             (Some(area), Key::Passphrase(Some(pw))) => Some(Crypt::unlock(&file, area, pw)?),
             (Some(area), Key::MetadataOnly) => Some(Crypt::locked(&file, area)?),
@@ -295,8 +325,6 @@ impl Qcow2 {
             full_filename: chain::full_name(path, name),
             format: header.backing_format(),
         });
-        // Opened without its backing file, an image has no policy to follow: QEMU's.
-        let policy = chain.as_ref().map_or_else(Default::default, |c| c.policy);
         let backing = match (&header.backing_file, chain) {
             (Some(name), Some(ctx)) => {
                 ctx.policy
@@ -318,7 +346,13 @@ impl Qcow2 {
             }
             _ => None,
         };
-        let data_file = open_data_file(path, &header, policy)?;
+        let data_file_closed =
+            metadata_only && header.incompatible_features & incompat::DATA_FILE != 0;
+        let data_file = if data_file_closed {
+            None
+        } else {
+            open_data_file(path, &header, policy)?
+        };
         let bitmap_set = bitmaps::BitmapSet::load(&file, &header)?;
         let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
         let img = Qcow2 {
@@ -343,6 +377,7 @@ impl Qcow2 {
             backing_info,
             last_compressed: Mutex::new(None),
             data_file,
+            data_file_closed,
             crypt,
             bitmaps: Mutex::new(bitmap_set),
             tracking_bitmaps: AtomicBool::new(false),

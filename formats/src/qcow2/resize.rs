@@ -12,6 +12,7 @@ use std::path::Path;
 use super::entry::{L2Entry, COPIED};
 use super::Qcow2;
 use crate::block::{BlockDev, ZeroFlags};
+use crate::chain::{BackingPolicy, ChainCtx};
 use crate::error::{Error, Result};
 use crate::luks::Passphrase;
 use crate::Preallocation;
@@ -29,10 +30,31 @@ pub fn resize_with_secret(
     prealloc: Preallocation,
     secret: Option<&Passphrase>,
 ) -> Result<()> {
+    resize_under(
+        path,
+        new_size,
+        shrink,
+        prealloc,
+        secret,
+        BackingPolicy::Follow,
+    )
+}
+
+/// [`resize_with_secret`] with the image's backing chain opened under `policy`.
+pub fn resize_under(
+    path: &Path,
+    new_size: u64,
+    shrink: bool,
+    prealloc: Preallocation,
+    secret: Option<&Passphrase>,
+    policy: BackingPolicy,
+) -> Result<()> {
     if new_size % 512 != 0 {
         return Err(Error::argument("The new size must be a multiple of 512"));
     }
-    let img = Qcow2::open_secret(path, false, secret)?;
+    let mut chain = ChainCtx::new(policy);
+    chain.enter(path)?;
+    let img = Qcow2::open_with_secret(path, false, Some(&mut chain), secret)?;
     let old_size = img.geo.size;
     if new_size < old_size {
         if !shrink {
@@ -48,7 +70,7 @@ pub fn resize_with_secret(
         img.shrink(new_size)?;
     } else if new_size > old_size {
         img.grow(new_size)?;
-        let img = img.reopen()?;
+        let img = img.reopen(policy)?;
         // Bytes past the old end inside its last cluster must read as zero.
         let cs = img.geo.cluster_size();
         let tail_end = old_size.next_multiple_of(cs).min(new_size);
