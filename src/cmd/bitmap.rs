@@ -4,7 +4,8 @@
 use std::ffi::OsString;
 
 use anyhow::{anyhow, bail, Result};
-use clap::{ArgMatches, Args as _};
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Args as _};
 use vdisk_formats::qcow2::bitmaps::DirtyBitmap;
 use vdisk_formats::qcow2::Qcow2;
 use vdisk_formats::{ErrorKind, Format};
@@ -222,15 +223,33 @@ fn source_bits(img: &Qcow2, source: &str, args: &Args) -> Result<DirtyBitmap> {
         .map_err(|e| anyhow!(describe(&e)))
 }
 
-/// The actions in command-line order (clap keeps each flag apart, so the order comes from the
-/// positions of the flags in a second parse of the arguments after the command name).
+/// The actions in command-line order, each occurrence once (clap keeps each flag apart, so the
+/// order comes from the positions of the flags in a second parse of the arguments after the
+/// command name).
 fn actions_in_order(args: &Args) -> Result<Vec<Action>> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let start = argv
         .iter()
         .position(|a| a == "bitmap")
         .ok_or_else(|| anyhow!("the command line does not name the bitmap command"))?;
-    let command = Args::augment_args(clap::Command::new("bitmap")).args_override_self(true);
+    // Every occurrence must be kept (with args_override_self a repeated flag would count once),
+    // so repeatable actions replace the overriding ones in this parse.
+    let mut command = Args::augment_args(clap::Command::new("bitmap"));
+    let ids: Vec<clap::Id> = command
+        .get_arguments()
+        .filter(|a| !a.is_positional())
+        .map(|a| a.get_id().clone())
+        .collect();
+    for id in ids {
+        command = command.mut_arg(id, |a| match a.get_action() {
+            ArgAction::SetTrue => a
+                .action(ArgAction::Append)
+                .num_args(0)
+                .default_missing_value("true"),
+            ArgAction::Set => a.action(ArgAction::Append),
+            _ => a,
+        });
+    }
     let matches: ArgMatches = command
         .try_get_matches_from(&argv[start..])
         .map_err(|e| anyhow!("{e}"))?;
@@ -242,8 +261,13 @@ fn actions_in_order(args: &Args) -> Result<Vec<Action>> {
         ("enable", Action::Enable),
         ("disable", Action::Disable),
     ] {
-        if let Some(at) = matches.index_of(id).filter(|_| matches.get_flag(id)) {
-            found.push((at, action));
+        // Each occurrence is an action of its own (`--add --add` adds twice, as qemu-img does).
+        // A flag not given still has its default count, with an index of its own.
+        if matches.value_source(id) != Some(ValueSource::CommandLine) {
+            continue;
+        }
+        if let Some(indices) = matches.indices_of(id) {
+            found.extend(indices.map(|at| (at, action.clone())));
         }
     }
     if let Some(indices) = matches.indices_of("merge") {
