@@ -223,6 +223,13 @@ const CASES: &[Case] = &[
     Case { args: &["map", "enc.qcow2"], ..C },
     Case { args: &["check", "l.luks"], ..C },
     Case { args: &["check", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], ..C },
+    Case { args: &["snapshot", "-l", "enc.qcow2"], ..C },
+    Case { args: &["snapshot", "-l", "--object", "secret,id=s0,data=wrong", "--image-opts", ENC_QCOW2_IMAGE], ..C },
+    Case { args: &["snapshot", "-l", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], ..C },
+    Case { args: &["snapshot", "-c", "s2", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], post: &[ENC_CHECK], ..C },
+    Case { args: &["snapshot", "-a", "s1", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], post: &[ENC_CHECK, ENC_IS_RAW_IMG], ..C },
+    Case { args: &["snapshot", "-d", "s1", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], post: &[ENC_CHECK, ENC_LIST], ..C },
+    Case { args: &["snapshot", "-c", "s2", "enc.qcow2"], post: &[ENC_LIST], ..C },
     // --- progress output, and more options ---------------------------------------------------------
     Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
     Case { args: &["commit", "-p", "top.qcow2"], outputs: &["base.qcow2"], ..C },
@@ -320,6 +327,16 @@ const PREALLOC_FALLOC: &[&str] = &[
 ];
 const LUKS_IMAGE: &str = "driver=luks,key-secret=s0,file.filename=l.luks";
 const ENC_QCOW2_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2";
+const ENC_CHECK: &[&str] = &["check", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
+const ENC_LIST: &[&str] = &["snapshot", "-l", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
+const ENC_IS_RAW_IMG: &[&str] = &[
+    "compare",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    ENC_QCOW2_IMAGE,
+    "driver=raw,file.filename=raw.img",
+];
 const ENC_QCOW2_FROM_RAW: &[&str] = &[
     "convert",
     "-O",
@@ -387,8 +404,17 @@ fn make_fixture(dir: &Path) {
     }
     // l.luks holds raw.img, encrypted with the passphrase `pw` (secret s0).
     qemu(dir, LUKS_FROM_RAW);
-    // enc.qcow2 holds raw.img too, in qcow2 with encrypt.format=luks.
+    // enc.qcow2 holds raw.img too, in qcow2 with encrypt.format=luks; its snapshot s1 keeps
+    // that, newer data follows.
     qemu(dir, ENC_QCOW2_FROM_RAW);
+    qemu(dir, &["snapshot", "--object", "secret,id=s0,data=pw", "-c", "s1", "--image-opts", ENC_QCOW2_IMAGE]);
+    let out = Command::new("qemu-io")
+        .args(["--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE])
+        .args(["-c", "write -P 2 0 128k"])
+        .current_dir(dir)
+        .output()
+        .expect("qemu-io runs");
+    assert!(out.status.success() && out.stdout.starts_with(b"wrote"), "{out:?}");
     // bm.qcow2 has an enabled bitmap b0 with the bits of its writes, and a disabled one, off.
     qemu(dir, &["create", "-q", "-f", "qcow2", "bm.qcow2", "8M"]);
     qemu(dir, &["bitmap", "--add", "bm.qcow2", "b0"]);

@@ -1,8 +1,8 @@
 //! `vdisk snapshot`: list, create, apply and delete the internal snapshots of a qcow2 image.
 
 use anyhow::{anyhow, Result};
-use vdisk_formats::qcow2::snapshot;
-use vdisk_formats::{Format, SnapshotInfo};
+use vdisk_formats::qcow2::{snapshot, Qcow2};
+use vdisk_formats::{BlockDev, Format, SnapshotInfo};
 
 use crate::errors::{describe, UsageError};
 use crate::image_args::ImageOpts;
@@ -92,39 +92,44 @@ pub fn run(args: Args) -> Result<()> {
     };
     let image = args.image.image(file)?;
     let read_only = matches!(action, Action::List);
-    // Open once to report a missing or unreadable image as qemu-img does, before acting.
     let format = image.format_or_probe(read_only)?;
-    drop(image.open_as(format, read_only, true)?);
-    let path = &image.path;
     let unsupported = || anyhow!("Operation not supported");
+    if format != Format::Qcow2 {
+        // Open once to report a missing or unreadable image as qemu-img does.
+        drop(image.open_as(format, read_only, true)?);
+        return match action {
+            Action::List => Ok(()),
+            Action::Create(name) => Err(anyhow!(
+                "Could not create snapshot '{name}': {}",
+                unsupported()
+            )),
+            Action::Apply(name) => Err(anyhow!(
+                "Could not apply snapshot '{name}': {}",
+                unsupported()
+            )),
+            Action::Delete(name) => Err(anyhow!(
+                "Could not delete snapshot '{name}': {}",
+                unsupported()
+            )),
+        };
+    }
+    // Opened once, as qemu-img does: an encrypted image is unlocked with its secret here (and
+    // fails here without it), then changed in place.
+    let img = Qcow2::open_with_secret(&image.path, read_only, None, image.secret.as_ref())
+        .map_err(|e| image.open_error(&e))?;
+    let failed = |e: vdisk_formats::Error| anyhow!(describe(&e));
     match action {
         Action::List => {
-            if format == Format::Qcow2 {
-                let list = snapshot::list(path).map_err(|e| anyhow!(describe(&e)))?;
-                print!("{}", table(&list));
-            }
+            print!("{}", table(&img.info().map_err(failed)?.snapshots));
             Ok(())
         }
-        Action::Create(name) => (if format == Format::Qcow2 {
-            snapshot::create(path, name)
-                .map(drop)
-                .map_err(|e| anyhow!(describe(&e)))
-        } else {
-            Err(unsupported())
-        })
-        .map_err(|e| anyhow!("Could not create snapshot '{name}': {e}")),
-        Action::Apply(name) => (if format == Format::Qcow2 {
-            snapshot::apply(path, name).map_err(|e| anyhow!(describe(&e)))
-        } else {
-            Err(unsupported())
-        })
-        .map_err(|e| anyhow!("Could not apply snapshot '{name}': {e}")),
-        Action::Delete(name) => (if format == Format::Qcow2 {
-            snapshot::delete(path, name).map_err(|e| anyhow!(describe(&e)))
-        } else {
-            Err(unsupported())
-        })
-        .map_err(|e| anyhow!("Could not delete snapshot '{name}': {e}")),
+        Action::Create(name) => snapshot::create_in(&img, name)
+            .map(drop)
+            .map_err(|e| anyhow!("Could not create snapshot '{name}': {}", failed(e))),
+        Action::Apply(name) => snapshot::apply_in(img, name, image.secret.as_ref())
+            .map_err(|e| anyhow!("Could not apply snapshot '{name}': {}", failed(e))),
+        Action::Delete(name) => snapshot::delete_in(&img, name)
+            .map_err(|e| anyhow!("Could not delete snapshot '{name}': {}", failed(e))),
     }
 }
 

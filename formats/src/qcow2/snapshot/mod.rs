@@ -33,6 +33,7 @@ use super::header::{Header, MAX_L1_BYTES};
 use super::{Meta, Qcow2};
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
+use crate::luks::Passphrase;
 
 /// Lists the snapshots of the qcow2 image at `path` (`qemu-img snapshot -l`).
 pub fn list(path: &Path) -> Result<Vec<SnapshotInfo>> {
@@ -43,7 +44,12 @@ pub fn list(path: &Path) -> Result<Vec<SnapshotInfo>> {
 /// Takes a snapshot of the current contents (`qemu-img snapshot -c NAME`). Names longer than
 /// 255 bytes are cut, as qemu-img does; names need not be unique. Returns the new entry.
 pub fn create(path: &Path, name: &str) -> Result<SnapshotInfo> {
-    let img = Qcow2::open_with(path, false, None)?;
+    create_in(&Qcow2::open_with(path, false, None)?, name)
+}
+
+/// [`create`] in an image already open for writing (an encrypted one unlocked, as qemu-img
+/// insists, though a snapshot touches no guest data).
+pub fn create_in(img: &Qcow2, name: &str) -> Result<SnapshotInfo> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -57,7 +63,12 @@ pub fn create(path: &Path, name: &str) -> Result<SnapshotInfo> {
 /// Reverts the image to a snapshot, found by id and else by name (`qemu-img snapshot -a`).
 /// A snapshot taken at another virtual size resizes the image to that size first.
 pub fn apply(path: &Path, id_or_name: &str) -> Result<()> {
-    let img = Qcow2::open_with(path, false, None)?;
+    apply_in(Qcow2::open_with(path, false, None)?, id_or_name, None)
+}
+
+/// [`apply`] in an image already open for writing; `secret` unlocks an encrypted one again for
+/// the resize a snapshot of another size needs.
+pub fn apply_in(img: Qcow2, id_or_name: &str, secret: Option<&Passphrase>) -> Result<()> {
     let disk_size = {
         let meta = img.meta.lock().unwrap();
         let table = img.read_snapshot_table(&meta.header)?;
@@ -66,9 +77,10 @@ pub fn apply(path: &Path, id_or_name: &str) -> Result<()> {
             .ok_or_else(|| Error::argument("Failed to load snapshot: No such file or directory"))?
     };
     let img = if disk_size != img.geo.size {
+        let path = img.path().to_path_buf();
         drop(img);
-        super::resize(path, disk_size, true, crate::Preallocation::Off)?;
-        Qcow2::open_with(path, false, None)?
+        super::resize_with_secret(&path, disk_size, true, crate::Preallocation::Off, secret)?;
+        Qcow2::open_with_secret(&path, false, None, secret)?
     } else {
         img
     };
@@ -78,7 +90,11 @@ pub fn apply(path: &Path, id_or_name: &str) -> Result<()> {
 
 /// Deletes the first snapshot called `name` (`qemu-img snapshot -d`, which matches names only).
 pub fn delete(path: &Path, name: &str) -> Result<()> {
-    let img = Qcow2::open_with(path, false, None)?;
+    delete_in(&Qcow2::open_with(path, false, None)?, name)
+}
+
+/// [`delete`] in an image already open for writing.
+pub fn delete_in(img: &Qcow2, name: &str) -> Result<()> {
     img.snapshot_delete(name)?;
     img.file.sync()
 }
