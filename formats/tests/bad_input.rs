@@ -3,6 +3,8 @@
 //! allocation (the last test watches the process' peak RSS over all of them).
 
 mod common;
+#[path = "bad_input/snapshot_limits.rs"]
+mod snapshot_limits;
 
 use std::path::{Path, PathBuf};
 
@@ -534,6 +536,12 @@ fn hostile_images_never_allocate_much_memory() {
     let path = with_l1_entry(dir.path(), 1 << 30);
     assert_io_refused(&path, "L2 table");
     assert_absurd_snapshot_count_refused(dir.path());
+    let over = snapshot_limits::over_max_snapshots(dir.path());
+    snapshot_limits::assert_snapshots_refused(&over, "Too many snapshots");
+    let over = snapshot_limits::over_max_table_bytes(dir.path());
+    snapshot_limits::assert_snapshots_refused(&over, "Snapshot table is too big");
+    let over = snapshot_limits::over_max_snapshot_l1(dir.path());
+    snapshot_limits::assert_snapshot_l1_refused(&over, "Snapshot L1 table too large");
     // Legitimate allocations are bounded by the first cluster (2 MiB at most), the refcount table
     // (8 MiB) and the L1 table (32 MiB); the other tests of this binary use little.
     let rss_after = status_kib("VmHWM:");
