@@ -76,12 +76,17 @@ pub fn over_max_table_bytes(dir: &Path) -> PathBuf {
     with_snapshot_table(dir, "table-over.qcow2", entries.len() as u32, &entries)
 }
 
-/// Asserts that vdisk refuses `path` with a message naming it and holding `needle`.
-pub fn assert_snapshots_refused(path: &Path, needle: &str) {
-    let err = vdisk_snapshot_count(path).expect_err("the hostile table is listed");
-    let msg = message(&err);
+/// Asserts that `err` names `path` and holds `needle`.
+fn assert_refusal(err: &vdisk_formats::Error, path: &Path, needle: &str) {
+    let msg = message(err);
     assert!(msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains(needle), "{msg}");
+}
+
+/// Asserts that vdisk refuses to list the snapshots of `path`, naming it, with `needle`.
+pub fn assert_snapshots_refused(path: &Path, needle: &str) {
+    let err = vdisk_snapshot_count(path).expect_err("the hostile table is listed");
+    assert_refusal(&err, path, needle);
 }
 
 #[test]
@@ -143,9 +148,7 @@ pub fn assert_snapshot_l1_refused(path: &Path, needle: &str) {
         snapshot::apply(path, "s1").unwrap_err(),
         snapshot::delete(path, "s1").unwrap_err(),
     ] {
-        let msg = message(&err);
-        assert!(msg.contains(&path.display().to_string()), "{msg}");
-        assert!(msg.contains(needle), "{msg}");
+        assert_refusal(&err, path, needle);
     }
 }
 

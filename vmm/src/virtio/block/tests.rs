@@ -13,7 +13,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::request::{Disk, ID_LEN};
+use super::request::{Disk, ID_LEN, MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
 use super::worker::{process_queue, QueueRun, Worker};
 use super::Block;
 use crate::virtio::{Interrupt, VirtioDevice};
@@ -384,15 +384,19 @@ fn worker_thread_serves_notifications_and_raises_the_interrupt() {
     drop(worker);
 }
 
+/// A new qcow2 image of `size` bytes at `path`, opened read-write.
+fn qcow2_disk(path: &std::path::Path, size: u64) -> Arc<dyn BlockDev> {
+    let format = vdisk_formats::Format::Qcow2;
+    let opts = vdisk_formats::CreateOptions::from_pairs(format, Some(size), &[]).unwrap();
+    vdisk_formats::create(path, &opts).unwrap();
+    vdisk_formats::open(path, Default::default()).unwrap()
+}
+
 #[test]
 fn qcow2_backend_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.qcow2");
-    let opts =
-        vdisk_formats::CreateOptions::from_pairs(vdisk_formats::Format::Qcow2, Some(1 << 20), &[])
-            .unwrap();
-    vdisk_formats::create(&path, &opts).unwrap();
-    let dev = vdisk_formats::open(&path, Default::default()).unwrap();
+    let dev = qcow2_disk(&path, 1 << 20);
     let mut rig = Rig::new(false);
     rig.disk = Disk::new(dev, false, "q");
     let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
@@ -409,4 +413,57 @@ fn qcow2_backend_round_trip() {
     let mut back = vec![0; 4096];
     dev.read_at(&mut back, 100 * 512).unwrap();
     assert_eq!(back, payload);
+}
+
+/// One discard or write-zeroes segment may cover `MAX_DWZ_SECTORS` sectors, as the config space
+/// says; one sector more is an I/O error that changes nothing (on a 2 GiB qcow2 disk, so the
+/// range itself is valid).
+#[test]
+fn discard_and_write_zeroes_take_max_dwz_sectors_and_not_one_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = qcow2_disk(&dir.path().join("big.qcow2"), 2 << 30);
+    let mut rig = Rig::new(false);
+    rig.disk = Disk::new(dev.clone(), false, "q");
+    let block = Block::new(rig.disk.clone(), "t", None).unwrap();
+    let config = |offset: u64| {
+        let mut v = [0u8; 4];
+        block.read_config(offset, &mut v);
+        u32::from_le_bytes(v)
+    };
+    // max_discard_sectors, max_discard_seg, max_write_zeroes_sectors, max_write_zeroes_seg.
+    assert_eq!(config(36), MAX_DWZ_SECTORS);
+    assert_eq!(config(40), MAX_DWZ_SEGMENTS as u32);
+    assert_eq!(config(48), MAX_DWZ_SECTORS);
+    assert_eq!(config(52), MAX_DWZ_SEGMENTS as u32);
+    // The last sector inside the limit holds data that only an accepted request clears.
+    let last = (u64::from(MAX_DWZ_SECTORS) - 1) * 512;
+    let sector_at = |offset: u64| {
+        let mut buf = [0u8; 512];
+        dev.read_at(&mut buf, offset).unwrap();
+        buf
+    };
+    for kind in [VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD] {
+        dev.write_at(&[0x5a; 512], last).unwrap();
+        dwz_segment(&rig, 0, MAX_DWZ_SECTORS + 1, 0);
+        assert_eq!(
+            rig.request(kind, 0, 16, 0).1,
+            IOERR,
+            "{kind}: one sector over"
+        );
+        assert_eq!(
+            sector_at(last),
+            [0x5a; 512],
+            "{kind}: a refused request wrote"
+        );
+        dwz_segment(&rig, 0, MAX_DWZ_SECTORS, 0);
+        assert_eq!(rig.request(kind, 0, 16, 0).1, OK, "{kind}: at the limit");
+        // Whole clusters without a backing file: discarded ones read as zero too.
+        assert_eq!(sector_at(last), [0; 512], "{kind}: at the limit");
+    }
+    // Past the segment limit, as past the sector limit, nothing happens.
+    dev.write_at(&[0x5a; 512], 0).unwrap();
+    dwz_segment(&rig, 0, 1, 0);
+    let two = (MAX_DWZ_SEGMENTS + 1) as u32 * 16;
+    assert_eq!(rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, two, 0).1, UNSUPP);
+    assert_eq!(sector_at(0), [0x5a; 512]);
 }
