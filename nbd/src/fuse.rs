@@ -131,8 +131,9 @@ const ROOT: INodeNo = INodeNo(1);
 /// The image file's inode when the root is a directory.
 const FILE: INodeNo = INodeNo(2);
 const TTL: Duration = Duration::from_secs(1);
-/// Largest write the kernel sends in one request.
-const MAX_WRITE: u32 = 1 << 20;
+/// Largest write (and readahead) the kernel is told to send in one request: a larger write
+/// reaches the file system split into pieces of at most this size.
+pub const MAX_WRITE: u32 = 1 << 20;
 
 struct FuseFile {
     dev: Arc<dyn BlockDev>,
