@@ -7,11 +7,11 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::*;
-use vdisk_formats::{BlockDev, Extent, ZeroFlags};
+use vdisk_formats::BlockDev;
 use vdisk_nbd::fuse::{self, FuseOptions};
 
 fn fuse_usable() -> bool {
@@ -274,41 +274,6 @@ fn ext4_on_a_partition_through_fuse_and_loop() {
     assert!(!mnt.join("big.bin").exists());
 }
 
-/// A RAM disk that remembers the longest write it was asked for.
-#[derive(Debug)]
-struct LongestWrite {
-    disk: vdisk_formats::mem::MemDev,
-    longest: AtomicUsize,
-}
-
-impl BlockDev for LongestWrite {
-    fn capabilities(&self) -> vdisk_formats::Capabilities {
-        self.disk.capabilities()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk_formats::Result<()> {
-        self.disk.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> vdisk_formats::Result<()> {
-        self.longest.fetch_max(buf.len(), Ordering::Relaxed);
-        self.disk.write_at(buf, offset)
-    }
-    fn flush(&self) -> vdisk_formats::Result<()> {
-        self.disk.flush()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> vdisk_formats::Result<()> {
-        self.disk.write_zeroes(offset, len, flags)
-    }
-    fn discard(&self, offset: u64, len: u64) -> vdisk_formats::Result<()> {
-        self.disk.discard(offset, len)
-    }
-    fn extent(&self, offset: u64, len: u64) -> vdisk_formats::Result<Extent> {
-        self.disk.extent(offset, len)
-    }
-    fn info(&self) -> vdisk_formats::Result<vdisk_formats::NodeInfo> {
-        self.disk.info()
-    }
-}
-
 /// The kernel sends writes of at most `fuse::MAX_WRITE` bytes: one 4 MiB write reaches the
 /// device in pieces, the largest exactly that long, and lands whole.
 #[test]
@@ -319,10 +284,7 @@ fn writes_reach_the_device_in_pieces_of_at_most_max_write() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("disk.img");
     fs::write(&target, b"").unwrap();
-    let dev = Arc::new(LongestWrite {
-        disk: vdisk_formats::mem::MemDev::new(8 << 20),
-        longest: AtomicUsize::new(0),
-    });
+    let dev = Arc::new(WatchedDisk::new(8 << 20, None));
     let mnt = fuse::mount(&target, dev.clone(), &FuseOptions::default()).unwrap();
     let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
     let f = OpenOptions::new().write(true).open(&target).unwrap();
@@ -331,7 +293,7 @@ fn writes_reach_the_device_in_pieces_of_at_most_max_write() {
     drop(f);
     mnt.unmount().unwrap();
     assert_eq!(
-        dev.longest.load(Ordering::Relaxed),
+        dev.longest_write.load(Ordering::Relaxed),
         fuse::MAX_WRITE as usize
     );
     let mut back = vec![0u8; data.len()];

@@ -210,3 +210,70 @@ pub fn per_block<T: Copy>(runs: &[(u64, u64, T)], size: u64, grain: u64) -> Vec<
     assert_eq!(out.len() as u64 * grain, size, "runs must cover the image");
     out
 }
+
+/// A RAM disk that remembers the longest write it was asked for and, with `stripe`, reports a
+/// mapping that alternates data and zero every `stripe` bytes (data first); the rest is the RAM
+/// disk's.
+#[derive(Debug)]
+pub struct WatchedDisk {
+    pub disk: vdisk_formats::mem::MemDev,
+    pub longest_write: std::sync::atomic::AtomicUsize,
+    pub stripe: Option<u64>,
+}
+
+impl WatchedDisk {
+    pub fn new(size: usize, stripe: Option<u64>) -> WatchedDisk {
+        WatchedDisk {
+            disk: vdisk_formats::mem::MemDev::new(size),
+            longest_write: Default::default(),
+            stripe,
+        }
+    }
+}
+
+impl BlockDev for WatchedDisk {
+    fn capabilities(&self) -> vdisk_formats::Capabilities {
+        self.disk.capabilities()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk_formats::Result<()> {
+        self.disk.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> vdisk_formats::Result<()> {
+        let longest = &self.longest_write;
+        longest.fetch_max(buf.len(), std::sync::atomic::Ordering::Relaxed);
+        self.disk.write_at(buf, offset)
+    }
+    fn flush(&self) -> vdisk_formats::Result<()> {
+        self.disk.flush()
+    }
+    fn write_zeroes(
+        &self,
+        o: u64,
+        l: u64,
+        f: vdisk_formats::ZeroFlags,
+    ) -> vdisk_formats::Result<()> {
+        self.disk.write_zeroes(o, l, f)
+    }
+    fn discard(&self, offset: u64, len: u64) -> vdisk_formats::Result<()> {
+        self.disk.discard(offset, len)
+    }
+    fn extent(&self, offset: u64, len: u64) -> vdisk_formats::Result<vdisk_formats::Extent> {
+        let e = self.disk.extent(offset, len)?;
+        let Some(stripe) = self.stripe else {
+            return Ok(e);
+        };
+        let index = offset / stripe;
+        Ok(vdisk_formats::Extent {
+            length: ((index + 1) * stripe - offset).min(len),
+            kind: if index % 2 == 0 {
+                vdisk_formats::ExtentKind::Data
+            } else {
+                vdisk_formats::ExtentKind::Zero
+            },
+            ..e
+        })
+    }
+    fn info(&self) -> vdisk_formats::Result<vdisk_formats::NodeInfo> {
+        self.disk.info()
+    }
+}
