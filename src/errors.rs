@@ -137,11 +137,13 @@ pub fn describe(err: &Error) -> String {
         }
         Error::Backing {
             backing, source, ..
-        } => format!(
-            "Could not open backing file '{}': {}",
-            backing.display(),
-            describe(source)
-        ),
+        } => {
+            // QEMU names neither file here; the cause names the backing file if it needs to.
+            let why = describe(source);
+            let prefix = format!("{}: ", backing.display());
+            let why = why.strip_prefix(&prefix).unwrap_or(&why);
+            format!("Could not open backing file: {why}")
+        }
         _ => {
             let text = err.to_string();
             match file_of(err) {

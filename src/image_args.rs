@@ -25,6 +25,10 @@ pub struct ImageRef {
     pub key_secret: Option<String>,
     /// That secret, once looked up ([`ImageRef::with_secret`]).
     pub secret: Option<Passphrase>,
+    /// The id of the secret that unlocks an encrypted backing file
+    /// (`backing.encrypt.key-secret=` or `backing.key-secret=`), and that secret once looked up.
+    pub backing_key_secret: Option<String>,
+    pub backing_secret: Option<Passphrase>,
     /// The `json:{...}` name QEMU gives an image opened with options beyond its driver and file
     /// (here: a key secret), shown by `info` in place of the file name.
     pub json_name: Option<String>,
@@ -39,6 +43,8 @@ impl ImageRef {
             format: format.map(str::to_string),
             key_secret: None,
             secret: None,
+            backing_key_secret: None,
+            backing_secret: None,
             json_name: None,
         }
     }
@@ -65,6 +71,8 @@ impl ImageRef {
             format: None,
             key_secret: None,
             secret: None,
+            backing_key_secret: None,
+            backing_secret: None,
             json_name: None,
         };
         let mut file = None;
@@ -82,6 +90,9 @@ impl ImageRef {
                         "encrypt.key-secret"
                     };
                     image.key_secret = Some(value.clone());
+                }
+                "backing.encrypt.key-secret" | "backing.key-secret" => {
+                    image.backing_key_secret = Some(value.clone())
                 }
                 "filename" if image.format.is_none() => {
                     return Err(could_not_open("Must specify either driver or file".into()))
@@ -127,6 +138,9 @@ impl ImageRef {
         if let Some(id) = &self.key_secret {
             self.secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
         }
+        if let Some(id) = &self.backing_key_secret {
+            self.backing_secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
+        }
         Ok(self)
     }
 
@@ -150,8 +164,8 @@ impl ImageRef {
             no_backing,
             backing_policy: crate::backing_policy::get(),
         };
-        vdisk_formats::open_with_secret(&self.path, opts, self.secret.as_ref())
-            .map_err(|e| self.open_error(&e))
+        let secrets = vec![self.secret.clone(), self.backing_secret.clone()];
+        vdisk_formats::open_with_secrets(&self.path, opts, secrets).map_err(|e| self.open_error(&e))
     }
 
     /// `Could not open 'FILE': WHY` for an error of opening this image.
@@ -239,11 +253,11 @@ pub fn chain(image: &ImageRef) -> Result<Vec<Layer>> {
             no_backing: true,
             backing_policy: crate::backing_policy::get(),
         };
-        // Only the top image can be encrypted with the secret given for it.
-        let secret = if layers.is_empty() {
-            image.secret.as_ref()
-        } else {
-            None
+        // The top image and its backing file can be encrypted, with the secrets given for them.
+        let secret = match layers.len() {
+            0 => image.secret.as_ref(),
+            1 => image.backing_secret.as_ref(),
+            _ => None,
         };
         let dev = vdisk_formats::open_with_secret(&path, opts, secret)
             .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), describe(&e)))?;

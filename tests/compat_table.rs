@@ -230,6 +230,13 @@ const CASES: &[Case] = &[
     Case { args: &["snapshot", "-a", "s1", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], post: &[ENC_CHECK, ENC_IS_RAW_IMG], ..C },
     Case { args: &["snapshot", "-d", "s1", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE], post: &[ENC_CHECK, ENC_LIST], ..C },
     Case { args: &["snapshot", "-c", "s2", "enc.qcow2"], post: &[ENC_LIST], ..C },
+    Case { args: &["create", "-f", "qcow2", "-b", "enc.qcow2", "-F", "qcow2", "ov.qcow2"], outputs: &["ov.qcow2"], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_OVERLAY, "-O", "raw", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=wrong", "--image-opts", ENC_OVERLAY, "-O", "raw", "out.raw"], ..C },
+    Case { args: &["convert", "-O", "raw", "encov.qcow2", "out.raw"], ..C },
+    Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_OVERLAY], stdout: Out::Json, ..C },
+    Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_OVERLAY, ENC_QCOW2_IMAGE], ..C },
+    Case { args: &["info", "--image-opts", ENC_OVERLAY], ..C },
     // --- progress output, and more options ---------------------------------------------------------
     Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
     Case { args: &["commit", "-p", "top.qcow2"], outputs: &["base.qcow2"], ..C },
@@ -327,6 +334,8 @@ const PREALLOC_FALLOC: &[&str] = &[
 ];
 const LUKS_IMAGE: &str = "driver=luks,key-secret=s0,file.filename=l.luks";
 const ENC_QCOW2_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2";
+/// encov.qcow2 over enc.qcow2, the backing file's secret given as qemu-img takes it.
+const ENC_OVERLAY: &str = "driver=qcow2,file.filename=encov.qcow2,backing.encrypt.key-secret=s0";
 const ENC_CHECK: &[&str] = &["check", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
 const ENC_LIST: &[&str] = &["snapshot", "-l", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
 const ENC_IS_RAW_IMG: &[&str] = &[
@@ -415,6 +424,7 @@ fn make_fixture(dir: &Path) {
         .output()
         .expect("qemu-io runs");
     assert!(out.status.success() && out.stdout.starts_with(b"wrote"), "{out:?}");
+    qemu(dir, &["create", "-q", "-f", "qcow2", "-b", "enc.qcow2", "-F", "qcow2", "encov.qcow2"]);
     // bm.qcow2 has an enabled bitmap b0 with the bits of its writes, and a disabled one, off.
     qemu(dir, &["create", "-q", "-f", "qcow2", "bm.qcow2", "8M"]);
     qemu(dir, &["bitmap", "--add", "bm.qcow2", "b0"]);

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::image::Format;
+use crate::luks::Passphrase;
 
 /// Deepest backing chain vdisk opens.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -105,6 +106,9 @@ pub struct ChainCtx {
     pub seen: Vec<PathBuf>,
     /// What the images of the chain may open.
     pub policy: BackingPolicy,
+    /// Passphrases of encrypted images of the chain by depth (0: the top image), as QEMU takes
+    /// `encrypt.key-secret` and `backing.encrypt.key-secret`.
+    pub secrets: Vec<Option<Passphrase>>,
 }
 
 impl ChainCtx {
@@ -113,7 +117,14 @@ impl ChainCtx {
         ChainCtx {
             seen: Vec::new(),
             policy,
+            secrets: Vec::new(),
         }
+    }
+
+    /// The passphrase given for the image entered last.
+    pub fn secret(&self) -> Option<Passphrase> {
+        let depth = self.seen.len().checked_sub(1)?;
+        self.secrets.get(depth).cloned().flatten()
     }
 
     /// Records that `path` is being opened; fails on a loop or a chain that is too deep.

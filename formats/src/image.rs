@@ -125,31 +125,26 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Arc<dyn BlockDev>> {
 /// Opens an image like [`open`], with the passphrase that unlocks an encrypted image (LUKS, or
 /// qcow2 with `encrypt.format=luks`). An encrypted image opened without one fails with
 /// `InvalidArgument`; a wrong one with "Invalid password, cannot unlock any keyslot". Backing
-/// files are opened without the passphrase.
+/// files are opened without the passphrase (see [`open_with_secrets`]).
 pub fn open_with_secret(
     path: &Path,
     opts: OpenOptions,
     secret: Option<&Passphrase>,
 ) -> Result<Arc<dyn BlockDev>> {
-    let format = match opts.format {
-        Some(f) => f,
-        None => probe(path)?,
-    };
-    match (format, secret) {
-        (Format::Luks, Some(pw)) => Ok(Arc::new(Luks::open(path, opts.read_only, pw)?)),
-        (Format::Qcow2, Some(pw)) => {
-            let mut ctx = ChainCtx::new(opts.backing_policy);
-            ctx.enter(path)?;
-            Ok(Arc::new(open_qcow2(path, opts, &mut ctx, Some(pw))?))
-        }
-        _ => open(
-            path,
-            OpenOptions {
-                format: Some(format),
-                ..opts
-            },
-        ),
-    }
+    open_with_secrets(path, opts, vec![secret.cloned()])
+}
+
+/// [`open_with_secret`] with a passphrase for each image of the backing chain that needs one:
+/// `secrets[0]` for the image itself, `secrets[1]` for its backing file, and so on (QEMU's
+/// `encrypt.key-secret` and `backing.encrypt.key-secret`).
+pub fn open_with_secrets(
+    path: &Path,
+    opts: OpenOptions,
+    secrets: Vec<Option<Passphrase>>,
+) -> Result<Arc<dyn BlockDev>> {
+    let mut ctx = ChainCtx::new(opts.backing_policy);
+    ctx.secrets = secrets;
+    open_layer(path, opts, &mut ctx)
 }
 
 /// Describes an image as `info` shows it without touching its data: read-only, backing file
@@ -179,10 +174,12 @@ pub(crate) fn open_layer(
         Some(f) => f,
         None => probe(path)?,
     };
-    Ok(match format {
-        Format::Raw => Arc::new(Raw::open(path, opts.read_only)?),
-        Format::Qcow2 => Arc::new(open_qcow2(path, opts, ctx, None)?),
-        Format::Luks => return Err(luks::secret_required(path)),
+    let secret = ctx.secret();
+    Ok(match (format, secret) {
+        (Format::Raw, _) => Arc::new(Raw::open(path, opts.read_only)?),
+        (Format::Qcow2, pw) => Arc::new(open_qcow2(path, opts, ctx, pw.as_ref())?),
+        (Format::Luks, Some(pw)) => Arc::new(Luks::open(path, opts.read_only, &pw)?),
+        (Format::Luks, None) => return Err(luks::secret_required(path)),
     })
 }
 

@@ -30,8 +30,8 @@ pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use chain::BackingPolicy;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    create, describe, open, open_with_secret, probe, resize, resize_image, CreateOptions, Format,
-    OpenOptions, Preallocation, ResizeOptions,
+    create, describe, open, open_with_secret, open_with_secrets, probe, resize, resize_image,
+    CreateOptions, Format, OpenOptions, Preallocation, ResizeOptions,
 };
 pub use info::{
     BackingInfo, BitmapInfo, ChildInfo, FormatSpecific, NodeInfo, Qcow2Info, SnapshotInfo,

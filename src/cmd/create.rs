@@ -197,6 +197,13 @@ fn backing_size(
     if unsafe_open {
         return Ok(size);
     }
+    // qemu-img opens the backing file without I/O: an encrypted one needs no secret.
+    let parsed = parse_driver(format).ok();
+    if let Some(Ok(info)) = parsed.map(|f| vdisk_formats::describe(&path, Some(f))) {
+        if info.encrypted == Some(true) {
+            return Ok(Some(size.unwrap_or(info.virtual_size)));
+        }
+    }
     let opened = parse_driver(format).and_then(|f| {
         let opts = OpenOptions {
             format: Some(f),

@@ -71,6 +71,20 @@ pub fn run(args: Args) -> Result<()> {
     Objects::parse(&args.image.object)?;
     let opts = &args.image;
     let image = ImageRef::parse(&file, opts.format.as_deref(), opts.image_opts)?;
+    if image.backing_key_secret.is_some() {
+        // `info` leaves the backing file closed, so qemu-img knows no such option.
+        let keys = file
+            .split(',')
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k));
+        let key = keys
+            .into_iter()
+            .find(|k| k.starts_with("backing."))
+            .unwrap_or("backing");
+        let driver = image.format.as_deref().unwrap_or("raw");
+        return Err(image.could_not_open(format!(
+            "Block format '{driver}' does not support the option '{key}'"
+        )));
+    }
     let format = image.format_or_probe(true)?;
     let mut top =
         vdisk_formats::describe(&image.path, Some(format)).map_err(|e| image.open_error(&e))?;
