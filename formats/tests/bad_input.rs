@@ -254,7 +254,11 @@ fn with_extensions(dir: &Path, base: &[u8], count: usize) -> PathBuf {
 #[test]
 fn header_extension_count_is_limited() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_image(dir.path());
+    // A default 64 KiB cluster cannot hold more extensions than the limit: this needs 128 KiB.
+    let path = dir.path().join("base-128k.qcow2");
+    qemu_create(&path, 1 << 20, "cluster_size=128k");
+    qemu_io(&path, &["write -P 0x11 0 64k".to_string()]);
+    let base = std::fs::read(&path).unwrap();
     // At the limit both vdisk and qemu-img open the image.
     let at_limit = with_extensions(dir.path(), &base, MAX_HEADER_EXTENSIONS);
     let dev = vdisk_formats::open(&at_limit, OpenOptions::default()).unwrap();
@@ -267,7 +271,8 @@ fn header_extension_count_is_limited() {
         .unwrap();
     let msg = message(&err);
     assert!(msg.contains(&over.display().to_string()), "{msg}");
-    assert!(msg.contains("more than 1024 header extensions"), "{msg}");
+    let expected = format!("more than {MAX_HEADER_EXTENSIONS} header extensions");
+    assert!(msg.contains(&expected), "{msg}");
 }
 
 /// A chain of `images` qcow2 images of 1 MiB (the bottom one without a backing file); returns the

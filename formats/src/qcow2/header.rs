@@ -26,8 +26,9 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 /// and refuses longer ones ("ext_backing_format: len=N too large").
 pub const MAX_BACKING_FORMAT_NAME: usize = 15;
 /// Most header extensions vdisk reads. The spec sets no number (they only have to fit in the
-/// first cluster, up to 262144 empty ones in 2 MiB); QEMU writes at most six.
-pub const MAX_HEADER_EXTENSIONS: usize = 1024;
+/// first cluster, up to 262144 empty ones in 2 MiB) and QEMU reads them all, though it writes at
+/// most six; this many fill a default 64 KiB cluster, so every image of that size opens.
+pub const MAX_HEADER_EXTENSIONS: usize = 8192;
 
 /// Incompatible feature bits.
 pub mod incompat {
@@ -321,6 +322,7 @@ impl Header {
     fn parse_extensions(&mut self, path: &Path, buf: &[u8]) -> Result<()> {
         let end = buf.len().min(self.cluster_size() as usize);
         let mut at = self.extensions_start();
+        let mut seen = std::collections::HashSet::new();
         loop {
             if at + 8 > end {
                 // The list may end with the first cluster (or the file) without an end marker,
@@ -349,7 +351,7 @@ impl Header {
                     ),
                 ));
             }
-            if self.extensions.iter().any(|e| e.kind == kind) {
+            if !seen.insert(kind) {
                 return Err(Error::invalid(
                     path,
                     format!("header extension {kind:#x} appears twice"),
