@@ -2,6 +2,8 @@
 //! refused with an `Err` whose message names the file and the problem: no panic, and no huge
 //! allocation (the last test watches the process' peak RSS over all of them).
 
+#[path = "bad_input/bitmap_limits.rs"]
+mod bitmap_limits;
 mod common;
 #[path = "bad_input/snapshot_limits.rs"]
 mod snapshot_limits;
@@ -14,6 +16,16 @@ use vdisk_formats::qcow2::header::{
     MAX_BACKING_FORMAT_NAME, MAX_BACKING_NAME, MAX_HEADER_EXTENSIONS,
 };
 use vdisk_formats::{CreateOptions, Format, OpenOptions};
+
+/// Held by the peak-RSS test and by the tests that take a limit at its maximum (which may use
+/// as much memory as the limit allows), so that the peak the former measures is its own.
+static MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn memory_lock() -> std::sync::MutexGuard<'static, ()> {
+    MEMORY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Offset of the feature name table extension in a qemu-img 10 image (header length 112).
 const FEATURE_TABLE: usize = 112;
@@ -530,6 +542,7 @@ fn status_kib(field: &str) -> u64 {
 
 #[test]
 fn hostile_images_never_allocate_much_memory() {
+    let _alone = memory_lock();
     let dir = tempfile::tempdir().unwrap();
     let base = base_image(dir.path());
     let (rss, virt) = (status_kib("VmHWM:"), status_kib("VmPeak:"));
@@ -547,6 +560,10 @@ fn hostile_images_never_allocate_much_memory() {
     snapshot_limits::assert_snapshots_refused(&over, "Snapshot table is too big");
     let over = snapshot_limits::over_max_snapshot_l1(dir.path());
     snapshot_limits::assert_snapshot_l1_refused(&over, "Snapshot L1 table too large");
+    let over = bitmap_limits::over_max_bitmaps(dir.path());
+    bitmap_limits::assert_both_refuse(&over, "exceeding the QEMU supported maximum");
+    let over = bitmap_limits::over_max_directory_bytes(dir.path());
+    bitmap_limits::assert_both_refuse(&over, "exceeds the maximum supported size");
     // Legitimate allocations are bounded by the first cluster (2 MiB at most), the refcount table
     // (8 MiB) and the L1 table (32 MiB); the other tests of this binary use little.
     let rss_after = status_kib("VmHWM:");

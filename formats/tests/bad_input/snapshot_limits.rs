@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::common::*;
-use super::{base_image, message};
+use super::{base_image, memory_lock, message};
 use vdisk_formats::qcow2::header::MAX_L1_BYTES;
 use vdisk_formats::qcow2::snapshot::{self, MAX_SNAPSHOTS, MAX_TABLE_BYTES};
 use vdisk_formats::qcow2::Qcow2;
@@ -91,6 +91,7 @@ pub fn assert_snapshots_refused(path: &Path, needle: &str) {
 
 #[test]
 fn snapshot_count_is_limited_to_max_snapshots() {
+    let _memory = memory_lock();
     let dir = tempfile::tempdir().unwrap();
     let entries = vec![0; MAX_SNAPSHOTS as usize];
     let at_limit = with_snapshot_table(dir.path(), "count-at.qcow2", MAX_SNAPSHOTS, &entries);
@@ -104,6 +105,7 @@ fn snapshot_count_is_limited_to_max_snapshots() {
 
 #[test]
 fn snapshot_table_bytes_are_limited_to_max_table_bytes() {
+    let _memory = memory_lock();
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(MAX_TABLE_BYTES % (ENTRY_HEADER + LONG_NAME), 0);
     let full = (MAX_TABLE_BYTES / (ENTRY_HEADER + LONG_NAME)) as usize;
