@@ -126,6 +126,33 @@ fn child_process() {
             eprintln!("survived the forbidden call");
             std::process::exit(3);
         }
+        "restore-terminal" => {
+            // What the main thread does at the end of a run on a terminal: restore its
+            // settings (here those of a new pseudo-terminal).
+            let (mut leader, mut follower) = (0, 0);
+            // SAFETY: openpty writes two descriptors; the name, settings and size are optional.
+            let rc = unsafe {
+                libc::openpty(
+                    &mut leader,
+                    &mut follower,
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0, "openpty");
+            // SAFETY: termios is plain data; all zeroes is a valid value.
+            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid termios to fill and an open terminal descriptor.
+            assert_eq!(unsafe { libc::tcgetattr(follower, &mut saved) }, 0);
+            confine(kind_named(arg));
+            // SAFETY: settings read from the same descriptor.
+            assert_eq!(
+                unsafe { libc::tcsetattr(follower, libc::TCSANOW, &saved) },
+                0
+            );
+            std::process::exit(0);
+        }
         "disk-io" => {
             let dir = Path::new(arg);
             let pw = Passphrase::new(PASSWORD.as_bytes().to_vec());
@@ -190,6 +217,17 @@ fn a_forbidden_call_kills_the_process_by_sigsys_with_a_report() {
         );
         assert!(stderr.contains(&report), "{kind:?} {call}: {stderr}");
     }
+}
+
+#[test]
+fn the_main_filter_lets_the_terminal_be_restored() {
+    let out = run_child("restore-terminal:Main");
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -25,11 +25,12 @@
 //!   FIFO is full;
 //! * main thread: waiting for the end, kicking the vCPU threads out of `KVM_RUN`
 //!   (`pthread_kill`: `getpid`, `tgkill`, with signals blocked around it) and sleeping between
-//!   kicks, joining the threads, restoring the terminal (`ioctl(TCSETS)`), flushing the disks
+//!   kicks, joining the threads, restoring the terminal (`ioctl(TCSETS)`, then `TCGETS`: glibc's
+//!   `tcsetattr` reads the settings back), flushing the disks
 //!   (the disk I/O calls, which a qcow2 flush or a dirty-bit update may make), unmapping guest
 //!   memory and exiting (`exit_group`).
 
-use libc::{c_long, TCSETS};
+use libc::{c_long, TCGETS, TCSETS};
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
 use super::ThreadKind;
@@ -152,7 +153,10 @@ pub(super) fn allowed(kind: ThreadKind) -> Vec<Allowed> {
         )),
         ThreadKind::Main => rules.push((
             libc::SYS_ioctl,
-            vec![arg_is(1, SeccompCmpArgLen::Dword, TCSETS)],
+            vec![
+                arg_is(1, SeccompCmpArgLen::Dword, TCSETS),
+                arg_is(1, SeccompCmpArgLen::Dword, TCGETS),
+            ],
         )),
         ThreadKind::DiskIo => rules.push((
             libc::SYS_clone,
