@@ -144,13 +144,12 @@ fn child_process() {
             // SAFETY: termios is plain data; all zeroes is a valid value.
             let mut saved: libc::termios = unsafe { std::mem::zeroed() };
             // SAFETY: a valid termios to fill and an open terminal descriptor.
-            assert_eq!(unsafe { libc::tcgetattr(follower, &mut saved) }, 0);
+            let rc = unsafe { libc::tcgetattr(follower, &mut saved) };
+            assert_eq!(rc, 0, "tcgetattr");
             confine(kind_named(arg));
             // SAFETY: settings read from the same descriptor.
-            assert_eq!(
-                unsafe { libc::tcsetattr(follower, libc::TCSANOW, &saved) },
-                0
-            );
+            let rc = unsafe { libc::tcsetattr(follower, libc::TCSANOW, &saved) };
+            assert_eq!(rc, 0, "tcsetattr");
             std::process::exit(0);
         }
         "disk-io" => {
