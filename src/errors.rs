@@ -107,7 +107,8 @@ pub fn hint(message: &str) -> Option<&'static str> {
         ),
         (
             "Invalid password",
-            "the secret named by key-secret does not open any key slot of the image",
+            "the passphrase (the secret named by key-secret, or the one typed) opens no key slot \
+             of the image",
         ),
         (
             "Image creation needs a size parameter",

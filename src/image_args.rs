@@ -133,13 +133,19 @@ impl ImageRef {
         Ok(image)
     }
 
-    /// Looks up the `key-secret` of the image among the `--object` definitions.
+    /// Looks up the `key-secret` of the image among the `--object` definitions; without one, an
+    /// encrypted image's passphrase is asked for on the terminal ([`crate::prompt`]).
     pub fn with_secret(mut self, objects: &Objects) -> Result<ImageRef> {
         if let Some(id) = &self.key_secret {
             self.secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
         }
         if let Some(id) = &self.backing_key_secret {
             self.backing_secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
+        }
+        if self.secret.is_none() {
+            // On a terminal vdisk asks for the passphrase no secret names.
+            self.secret =
+                crate::prompt::passphrase_for(&self.path, self.format.as_deref(), &self.display)?;
         }
         Ok(self)
     }

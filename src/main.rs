@@ -19,6 +19,7 @@ mod options;
 mod output;
 mod prog;
 mod progress;
+mod prompt;
 mod qemu_img;
 mod tuned;
 
