@@ -131,7 +131,9 @@ impl Segments {
         self.len() == 0
     }
 
-    /// The pieces covering stream bytes `offset..offset+len`.
+    /// The pieces covering stream bytes `offset..offset+len`. They stop short at a buffer that
+    /// wraps around the end of the guest address space (no guest memory is there), so callers
+    /// see an incomplete cover and fail the request.
     fn pieces(&self, mut offset: u64, mut len: u64) -> Vec<(GuestAddress, usize)> {
         let mut out = Vec::new();
         for &(addr, seg_len) in &self.0 {
@@ -141,7 +143,10 @@ impl Segments {
                 continue;
             }
             let n = (seg_len - offset).min(len);
-            out.push((GuestAddress(addr.0 + offset), n as usize));
+            let Some(start) = addr.0.checked_add(offset) else {
+                break;
+            };
+            out.push((GuestAddress(start), n as usize));
             len -= n;
             offset = 0;
             if len == 0 {
