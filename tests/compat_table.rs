@@ -153,6 +153,8 @@ const CASES: &[Case] = &[
     Case { args: &["resize", "q.qcow2", "16M"], outputs: &["q.qcow2"], post: &[&["check", "q.qcow2"]], ..C },
     Case { args: &["resize", "q.qcow2", "4M"], outputs: &["q.qcow2"], ..C },
     Case { args: &["resize", "--shrink", "-f", "qcow2", "q.qcow2", "7M"], outputs: &["q.qcow2"], post: &[&["check", "q.qcow2"]], ..C },
+    Case { args: &["resize", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE, "16M"], outputs: &["enc.qcow2"], post: &[ENC_CHECK], ..C },
+    Case { args: &["resize", "enc.qcow2", "16M"], ..C },
     Case { args: &["resize", "-f", "raw", "raw.img", "1X"], ..C },
     Case { args: &["resize", "-f", "raw", "raw.img"], ..C },
     // --- measure ----------------------------------------------------------------------------------------

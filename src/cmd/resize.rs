@@ -104,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
         preallocation: prealloc,
         backing_policy: crate::backing_policy::get(),
     };
-    vdisk_formats::resize_image(&image.path, new_size, opts, None)
+    vdisk_formats::resize_image(&image.path, new_size, opts, image.secret.as_ref())
         .map_err(|e| anyhow!(describe(&e)))?;
     if !args.quiet {
         println!("Image resized.");
