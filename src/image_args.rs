@@ -52,19 +52,28 @@ impl ImageRef {
     /// FILENAME as the command line gives it: with `image_opts` an option string such as
     /// `driver=qcow2,file.filename=disk.qcow2`, else a file name read with `format`.
     pub fn parse(arg: &str, format: Option<&str>, image_opts: bool) -> Result<ImageRef> {
+        let could_not_open = |why: String| anyhow!("Could not open '{arg}': {why}");
         if !image_opts {
-            return Ok(ImageRef::file(arg, format));
+            return match arg.strip_prefix("json:") {
+                Some(text) => ImageRef::from_pairs(arg, &json_pairs(text).map_err(could_not_open)?),
+                None => Ok(ImageRef::file(arg, format)),
+            };
         }
         if format.is_some() {
             bail!("--image-opts and --format are mutually exclusive");
         }
-        let could_not_open = |why: String| anyhow!("Could not open '{arg}': {why}");
         if !arg.contains('=') {
             return Err(could_not_open(format!(
                 "Cannot find device='{arg}' nor node-name='{arg}'"
             )));
         }
-        let list = parse_lists(&[arg.to_string()])?;
+        ImageRef::from_pairs(arg, &parse_lists(&[arg.to_string()])?.pairs)
+    }
+
+    /// The image an option list names (`--image-opts`, or a `json:` file name flattened to
+    /// dotted keys); `arg` is how messages name it.
+    fn from_pairs(arg: &str, pairs: &[(String, String)]) -> Result<ImageRef> {
+        let could_not_open = |why: String| anyhow!("Could not open '{arg}': {why}");
         let mut image = ImageRef {
             path: PathBuf::new(),
             display: arg.to_string(),
@@ -78,7 +87,7 @@ impl ImageRef {
         let mut file = None;
         let mut unknown = None;
         let mut secret_key = "";
-        for (key, value) in &list.pairs {
+        for (key, value) in pairs {
             match key.as_str() {
                 "driver" => image.format = Some(value.clone()),
                 "file.filename" | "file" => file = Some(value.clone()),
@@ -94,6 +103,9 @@ impl ImageRef {
                 "backing.encrypt.key-secret" | "backing.key-secret" => {
                     image.backing_key_secret = Some(value.clone())
                 }
+                // The backing file the image names, spelled out (check_backing_override).
+                "backing.driver" | "backing.file.filename" | "backing.file" => {}
+                "backing.file.driver" if value == "file" => {}
                 "filename" if image.format.is_none() => {
                     return Err(could_not_open("Must specify either driver or file".into()))
                 }
@@ -130,18 +142,46 @@ impl ImageRef {
             });
         }
         image.path = PathBuf::from(file);
+        image.check_backing_override(pairs)?;
         Ok(image)
+    }
+
+    /// Refuses `backing.file.filename` naming another file than the image's own backing file:
+    /// QEMU would open that one instead; vdisk always opens the file the image names.
+    fn check_backing_override(&self, pairs: &[(String, String)]) -> Result<()> {
+        let named = pairs
+            .iter()
+            .find(|(k, _)| k == "backing.file.filename" || k == "backing.file");
+        let Some((key, name)) = named else {
+            return Ok(());
+        };
+        let format = self
+            .format
+            .as_deref()
+            .and_then(|f| Format::from_name(f).ok());
+        let recorded = vdisk_formats::describe(&self.path, format)
+            .ok()
+            .and_then(|info| info.backing)
+            .and_then(|b| std::fs::canonicalize(b.full_filename).ok());
+        if recorded.is_some() && recorded == std::fs::canonicalize(name).ok() {
+            return Ok(());
+        }
+        Err(self.could_not_open(format!(
+            "'{key}' names another file than the image's backing file; vdisk opens the backing \
+             file the image names"
+        )))
     }
 
     /// Looks up the `key-secret` of the image among the `--object` definitions; without one, an
     /// encrypted image's passphrase is asked for on the terminal ([`crate::prompt`]).
     pub fn with_secret(mut self, objects: &Objects) -> Result<ImageRef> {
-        if let Some(id) = &self.key_secret {
-            self.secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
-        }
-        if let Some(id) = &self.backing_key_secret {
-            self.backing_secret = Some(Passphrase::new(objects.secret(id)?.to_vec()));
-        }
+        let lookup = |id: &str| match objects.secret(id) {
+            Ok(bytes) => Ok(Passphrase::new(bytes.to_vec())),
+            Err(e) => Err(self.could_not_open(e)),
+        };
+        let secret = self.key_secret.as_deref().map(lookup).transpose()?;
+        let backing_secret = self.backing_key_secret.as_deref().map(lookup).transpose()?;
+        (self.secret, self.backing_secret) = (secret, backing_secret);
         if self.secret.is_none() {
             // On a terminal vdisk asks for the passphrase no secret names.
             self.secret =
@@ -507,4 +547,42 @@ mod tests {
             "--image-opts and --format are mutually exclusive"
         );
     }
+}
+
+/// The members of a `json:` file name as dotted option keys (`{"file": {"filename": "x"}}` is
+/// `file.filename=x`), as QEMU flattens them; the error is QEMU's.
+fn json_pairs(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        let why = if e.is_eof() {
+            "premature EOI".to_string()
+        } else {
+            e.to_string()
+        };
+        format!("Could not parse the JSON options: JSON parse error, {why}")
+    })?;
+    let serde_json::Value::Object(members) = value else {
+        return Err("Invalid JSON object given".into());
+    };
+    let mut pairs = Vec::new();
+    flatten_json("", &members, &mut pairs)?;
+    Ok(pairs)
+}
+
+fn flatten_json(
+    prefix: &str,
+    members: &serde_json::Map<String, serde_json::Value>,
+    out: &mut Vec<(String, String)>,
+) -> std::result::Result<(), String> {
+    for (key, value) in members {
+        let key = format!("{prefix}{key}");
+        match value {
+            serde_json::Value::Object(inner) => flatten_json(&format!("{key}."), inner, out)?,
+            serde_json::Value::String(text) => out.push((key, text.clone())),
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
+                out.push((key, value.to_string()))
+            }
+            _ => return Err(format!("Invalid value for option '{key}'")),
+        }
+    }
+    Ok(())
 }

@@ -239,6 +239,11 @@ const CASES: &[Case] = &[
     Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_OVERLAY], stdout: Out::Json, ..C },
     Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_OVERLAY, ENC_QCOW2_IMAGE], ..C },
     Case { args: &["info", "--image-opts", ENC_OVERLAY], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", ENC_OVERLAY_JSON, "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "json:{\"driver\": \"qcow2\", \"file.filename\": \"encov.qcow2\", \"backing.encrypt.key-secret\": \"s0\"}", "out.raw"], outputs: &["out.raw"], ..C },
+    Case { args: &["convert", "json:{\"driver\":", "out.raw"], ..C },
+    Case { args: &["convert", "json:[1]", "out.raw"], ..C },
+    Case { args: &["convert", "--image-opts", "driver=luks,key-secret=s9,file.filename=l.luks", "out.raw"], ..C },
     // --- progress output, and more options ---------------------------------------------------------
     Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
     Case { args: &["commit", "-p", "top.qcow2"], outputs: &["base.qcow2"], ..C },
@@ -338,6 +343,8 @@ const LUKS_IMAGE: &str = "driver=luks,key-secret=s0,file.filename=l.luks";
 const ENC_QCOW2_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=enc.qcow2";
 /// encov.qcow2 over enc.qcow2, the backing file's secret given as qemu-img takes it.
 const ENC_OVERLAY: &str = "driver=qcow2,file.filename=encov.qcow2,backing.encrypt.key-secret=s0";
+/// The same as a json: file name with the backing file spelled out, as qemu-img takes it.
+const ENC_OVERLAY_JSON: &str = r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "encov.qcow2"}, "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "enc.qcow2"}, "encrypt": {"key-secret": "s0"}}}"#;
 const ENC_CHECK: &[&str] = &["check", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
 const ENC_LIST: &[&str] = &["snapshot", "-l", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
 const ENC_IS_RAW_IMG: &[&str] = &[
