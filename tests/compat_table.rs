@@ -243,6 +243,8 @@ const CASES: &[Case] = &[
     Case { args: &["convert", "--object", "secret,id=s0,data=pw", "json:{\"driver\": \"qcow2\", \"file.filename\": \"encov.qcow2\", \"backing.encrypt.key-secret\": \"s0\"}", "out.raw"], outputs: &["out.raw"], ..C },
     Case { args: &["convert", "json:{\"driver\":", "out.raw"], ..C },
     Case { args: &["convert", "json:[1]", "out.raw"], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", "driver=qcow2,file.filename=lov.qcow2,backing.key-secret=s0", "out.raw"], prep: &[&["create", "-q", "-f", "qcow2", "-b", "l.luks", "-F", "luks", "lov.qcow2"]], outputs: &["out.raw"], ..C },
+    Case { args: &["create", "-f", "qcow2", "-b", "l.luks", "-F", "luks", "ov.qcow2"], outputs: &["ov.qcow2"], ..C },
     Case { args: &["convert", "--image-opts", "driver=luks,key-secret=s9,file.filename=l.luks", "out.raw"], ..C },
     // --- progress output, and more options ---------------------------------------------------------
     Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
