@@ -34,6 +34,30 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 
+    #[command(flatten)]
+    global: GlobalArgs,
+}
+
+/// `vdisk boot ...` parsed on its own: building the definitions of every command touches code
+/// and data pages that would stay resident beside the guest for the life of the VM.
+#[derive(Parser)]
+#[command(name = "vdisk", version, args_override_self = true)]
+struct BootCli {
+    #[command(subcommand)]
+    command: BootCommand,
+
+    #[command(flatten)]
+    global: GlobalArgs,
+}
+
+#[derive(Subcommand)]
+enum BootCommand {
+    Boot(cmd::boot::Args),
+}
+
+/// Options every command takes.
+#[derive(clap::Args)]
+struct GlobalArgs {
     /// Which backing files and external data files named inside an image vdisk may open:
     /// follow (all, as qemu-img), require-format (only backing files whose format the image
     /// records) or refuse (none); default $VDISK_BACKING_POLICY, else follow
@@ -85,6 +109,15 @@ fn main() -> ExitCode {
         }
         return cmd::qemu_nbd::main();
     }
+    if personality == prog::Personality::Vdisk && args.get(1).is_some_and(|a| a == "boot") {
+        return match BootCli::try_parse_from(&args) {
+            Ok(BootCli {
+                command: BootCommand::Boot(boot),
+                global,
+            }) => finish(&global, || cmd::boot::run(boot)),
+            Err(e) => clap_exit(&e),
+        };
+    }
     let mut command = Cli::command();
     if personality == prog::Personality::QemuImg {
         // qemu-img has no such option: scripts set VDISK_BACKING_POLICY instead.
@@ -104,21 +137,9 @@ fn main() -> ExitCode {
         Err(e) if personality == prog::Personality::QemuImg => {
             return qemu_img::clap_error(&e, &args)
         }
-        Err(e) => {
-            let _ = e.print();
-            // Help and version go to stdout and succeed; usage mistakes exit 1 like qemu-img's.
-            return if e.use_stderr() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(e) => return clap_exit(&e),
     };
-    if let Err(e) = backing_policy::init(cli.backing_policy.as_deref()) {
-        eprintln!("{}: {e:#}", prog::name());
-        return ExitCode::from(1);
-    }
-    let result = match cli.command {
+    finish(&cli.global, || match cli.command {
         Command::Create(args) => cmd::create::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
@@ -140,8 +161,27 @@ fn main() -> ExitCode {
         Command::Rebase(args) => cmd::rebase::run(args),
         Command::Amend(args) => cmd::amend::run(args),
         Command::Bitmap(args) => cmd::bitmap::run(args),
-    };
-    match result {
+    })
+}
+
+/// Prints a command-line parse error (or the help or version it carries) and exits as qemu-img:
+/// help and version go to stdout and succeed, usage mistakes exit 1.
+fn clap_exit(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Applies the global options, runs the command and turns its outcome into the exit status.
+fn finish(global: &GlobalArgs, run: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    if let Err(e) = backing_policy::init(global.backing_policy.as_deref()) {
+        eprintln!("{}: {e:#}", prog::name());
+        return ExitCode::from(1);
+    }
+    match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let prog = prog::name();
