@@ -155,6 +155,15 @@ const CASES: &[Case] = &[
     Case { args: &["resize", "--shrink", "-f", "qcow2", "q.qcow2", "7M"], outputs: &["q.qcow2"], post: &[&["check", "q.qcow2"]], ..C },
     Case { args: &["resize", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE, "16M"], outputs: &["enc.qcow2"], post: &[ENC_CHECK], ..C },
     Case { args: &["resize", "enc.qcow2", "16M"], ..C },
+    Case { args: &["resize", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "+1M"], outputs: &["l.luks"], post: &[&["info", "--output=json", "l.luks"], LUKS_IS_RAW_IMG], ..C },
+    Case { args: &["resize", "--shrink", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "4M"], outputs: &["l.luks"], post: &[&["info", "l.luks"], LUKS_IS_RAW_IMG], ..C },
+    Case { args: &["resize", "--shrink", "-q", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "5000"], outputs: &["l.luks"], post: &[&["info", "l.luks"]], ..C },
+    Case { args: &["resize", "--preallocation=full", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "12M"], outputs: &["l.luks"], post: &[&["info", "l.luks"]], ..C },
+    Case { args: &["resize", "--preallocation=falloc", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "+64k"], outputs: &["l.luks"], post: &[&["info", "l.luks"]], ..C },
+    Case { args: &["resize", "--preallocation=metadata", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "12M"], ..C },
+    Case { args: &["resize", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "4M"], ..C },
+    Case { args: &["resize", "--object", "secret,id=s0,data=wrong", "--image-opts", LUKS_IMAGE, "+1M"], ..C },
+    Case { args: &["resize", "l.luks", "+1M"], ..C },
     Case { args: &["resize", "-f", "raw", "raw.img", "1X"], ..C },
     Case { args: &["resize", "-f", "raw", "raw.img"], ..C },
     // --- measure ----------------------------------------------------------------------------------------
@@ -355,6 +364,14 @@ const ENC_IS_RAW_IMG: &[&str] = &[
     "secret,id=s0,data=pw",
     "--image-opts",
     ENC_QCOW2_IMAGE,
+    "driver=raw,file.filename=raw.img",
+];
+const LUKS_IS_RAW_IMG: &[&str] = &[
+    "compare",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    LUKS_IMAGE,
     "driver=raw,file.filename=raw.img",
 ];
 const ENC_QCOW2_FROM_RAW: &[&str] = &[

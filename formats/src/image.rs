@@ -523,8 +523,8 @@ pub fn resize(
     resize_with_secret(path, format, new_size, shrink, prealloc, None)
 }
 
-/// [`resize`] of an image that may be encrypted, with its passphrase (qcow2 with
-/// `encrypt.format=luks` needs one, as in qemu-img). As in QEMU, preallocated new space of an
+/// [`resize`] of an image that may be encrypted, with its passphrase (LUKS and qcow2 with
+/// `encrypt.format=luks` need one, as in qemu-img). As in QEMU, preallocated new space of an
 /// encrypted qcow2 image reads as noise (the zeros stored there are decrypted).
 pub fn resize_with_secret(
     path: &Path,
@@ -577,9 +577,6 @@ pub fn resize_image(
             let policy = opts.backing_policy;
             qcow2::resize_under(path, new_size, shrink, prealloc, secret, policy)
         }
-        Format::Luks => Err(Error::unsupported(
-            path,
-            "resizing LUKS images is not supported yet",
-        )),
+        Format::Luks => luks::resize(path, new_size, shrink, prealloc, secret),
     }
 }

@@ -28,6 +28,7 @@ pub mod luks1;
 pub mod luks2;
 mod metadata;
 mod options;
+mod resize;
 mod volume;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ pub use options::{
     amend_options_help, create_options_help, KeyslotState, LuksAmend, LuksCreateOptions,
     LuksVersion,
 };
+pub use resize::resize;
 pub use volume::LuksVolume;
 
 /// The magic both LUKS1 and the primary LUKS2 header start with.

@@ -159,6 +159,15 @@ impl Luks2 {
         self.meta.segment().1
     }
 
+    /// Gives the data segment a new size and writes both copies (a new `seqid`).
+    pub fn set_segment_size(&mut self, io: &dyn HeaderIo, size: SegmentSize) -> Result<()> {
+        let (id, _) = self.meta.segment();
+        if let Some(seg) = self.meta.segments.get_mut(&id) {
+            seg.size = size;
+        }
+        self.update(io)
+    }
+
     /// Rewrites both copies from the winning one, keeping its `seqid`.
     pub fn repair(&mut self, io: &dyn HeaderIo) -> Result<()> {
         self.store(io)?;
