@@ -278,8 +278,12 @@ impl Vm {
                 }
             }
         }
-        if let Some(main) = filter(ThreadKind::Main) {
-            if let Err(e) = main.install() {
+        if let Some(filters) = &self.filters {
+            // Every other thread (disk I/O, console, vCPUs) confined, then this one.
+            let confined = filters
+                .confirm_all()
+                .and_then(|()| filters.get(ThreadKind::Main).install());
+            if let Err(e) = confined {
                 self.exit.request(Err(e));
             }
         }

@@ -24,7 +24,8 @@ mod rules;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Once};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
@@ -74,6 +75,27 @@ pub struct ThreadFilter {
     kind: ThreadKind,
     /// Installed in this order: the `ENOSYS` answers (if any), then the allow list.
     programs: Vec<BpfProgram>,
+    /// What the threads started under this filter said about installing it, not yet read
+    /// (see [`Filters::confirm_all`]).
+    pending: Mutex<Vec<Installed>>,
+}
+
+/// A started thread's word on its filter.
+#[derive(Debug)]
+struct Installed {
+    what: &'static str,
+    result: Receiver<Result<()>>,
+}
+
+impl Installed {
+    fn wait(self) -> Result<()> {
+        self.result.recv().unwrap_or_else(|_| {
+            Err(Error::os(
+                self.what,
+                std::io::Error::other("the thread ended before installing its seccomp filter"),
+            ))
+        })
+    }
 }
 
 thread_local! {
@@ -108,7 +130,11 @@ impl ThreadFilter {
             SeccompAction::Trap,
             SeccompAction::Allow,
         )?);
-        Ok(ThreadFilter { kind, programs })
+        Ok(ThreadFilter {
+            kind,
+            programs,
+            pending: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn kind(&self) -> ThreadKind {
@@ -149,6 +175,21 @@ impl Filters {
         })
     }
 
+    /// Waits until every thread started under these filters has installed its own, and returns
+    /// the first failure. Threads run nothing before their filter is in place, so the VM only
+    /// has to call this before the guest runs, not after each start: the threads then start
+    /// while the rest of the VM is set up.
+    pub fn confirm_all(&self) -> Result<()> {
+        let mut result = Ok(());
+        for filter in [&self.main, &self.vcpu, &self.disk_io, &self.console] {
+            let pending = std::mem::take(&mut *filter.pending.lock().unwrap());
+            for installed in pending {
+                result = result.and(installed.wait());
+            }
+        }
+        result
+    }
+
     pub fn get(&self, kind: ThreadKind) -> Arc<ThreadFilter> {
         match kind {
             ThreadKind::Main => &self.main,
@@ -160,9 +201,9 @@ impl Filters {
     }
 }
 
-/// Starts a thread that installs `filter` (when given) before it runs `body`. Returns once the
-/// filter is in place; if it cannot be installed, the thread ends without running `body` and
-/// the error is returned.
+/// Starts a thread that installs `filter` (when given) before it runs `body`; if the filter
+/// cannot be installed, the thread ends without running `body`. Whether it was installed is
+/// told by [`Filters::confirm_all`].
 pub(crate) fn spawn(
     name: String,
     stack_size: usize,
@@ -171,6 +212,7 @@ pub(crate) fn spawn(
     body: impl FnOnce() + Send + 'static,
 ) -> Result<JoinHandle<()>> {
     let (installed_tx, installed_rx) = std::sync::mpsc::sync_channel(1);
+    let filter_of_parent = filter.clone();
     let thread = std::thread::Builder::new()
         .name(name)
         .stack_size(stack_size)
@@ -183,19 +225,13 @@ pub(crate) fn spawn(
             }
         })
         .map_err(|e| Error::os(what, e))?;
-    let installed = installed_rx.recv().unwrap_or_else(|_| {
-        Err(Error::os(
+    if let Some(filter) = filter_of_parent {
+        filter.pending.lock().unwrap().push(Installed {
             what,
-            std::io::Error::other("the thread ended before installing its seccomp filter"),
-        ))
-    });
-    match installed {
-        Ok(()) => Ok(thread),
-        Err(e) => {
-            let _ = thread.join();
-            Err(e)
-        }
+            result: installed_rx,
+        });
     }
+    Ok(thread)
 }
 
 /// `si_code` of a `SIGSYS` raised by a seccomp filter (`asm-generic/siginfo.h`).
