@@ -3,12 +3,14 @@
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
-use vdisk_formats::image::create_options_help;
+use vdisk_formats::image::{create_options_help, OptionDesc};
+use vdisk_formats::luks::measure;
 use vdisk_formats::{BlockDev, ExtentKind, Format, FormatSpecific};
 
 use crate::errors::{describe, UsageError};
 use crate::image_args::{chain, parse_target_format, HostFiles, ImageOpts, Output, SnapshotCopy};
 use crate::numbers::cvtnum;
+use crate::objects::Objects;
 use crate::options::{self, Typed};
 use crate::output::qemu_json;
 
@@ -71,7 +73,24 @@ struct Qcow2Layout {
     version: u32,
     full_prealloc: bool,
     has_backing: bool,
+    /// Bytes of the LUKS header of `encrypt.format=luks` (0 without), stored in whole clusters.
+    luks_header: u64,
 }
+
+/// What qemu-img's measure takes for LUKS beyond vdisk's create options: the file protocol's
+/// preallocation (ignored) and `detached-header` (refused as QEMU refuses it).
+const LUKS_MEASURE_ONLY: [OptionDesc; 2] = [
+    OptionDesc {
+        name: "preallocation",
+        kind: "str",
+        help: "Preallocation mode of the file",
+    },
+    OptionDesc {
+        name: "detached-header",
+        kind: "bool (on/off)",
+        help: "Create a detached LUKS header",
+    },
+];
 
 pub fn run(args: Args) -> Result<()> {
     let output = Output::parse(args.output.as_deref(), "measure")?;
@@ -83,7 +102,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     let target = parse_target_format(args.target_format.as_deref().unwrap_or("raw"))?;
     let list = options::parse_lists(&args.options)?;
-    let checked = options::check_types(&list.pairs, create_options_help(target))?;
+    let mut known = create_options_help(target).to_vec();
+    if target == Format::Luks {
+        known.extend(LUKS_MEASURE_ONLY);
+    }
+    let checked = options::check_types(&list.pairs, &known).map_err(|e| {
+        eprintln!("{}: {e:#}", crate::prog::name());
+        anyhow!("Invalid options for file format '{target}'")
+    })?;
     let opt = |name: &str| checked.iter().find(|o| o.name == name);
     let mut snapshot_copy: Option<SnapshotCopy> = None;
     let source: Option<std::sync::Arc<dyn BlockDev>> = match (&args.size, &args.filename) {
@@ -109,6 +135,8 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => unreachable!("one of them is given"),
     };
 
+    let objects = Objects::parse(&args.image.object)?;
+    let mut lookup = |id: &str| objects.secret(id).map(|_| ()).map_err(|e| e.to_string());
     let (required, fully, bitmaps) = match target {
         Format::Raw => (virtual_size, virtual_size, None),
         Format::Qcow2 => {
@@ -116,7 +144,7 @@ pub fn run(args: Args) -> Result<()> {
                 Some(Typed::Number(n)) => *n,
                 _ => default,
             };
-            let layout = Qcow2Layout {
+            let mut layout = Qcow2Layout {
                 cluster_size: number("cluster_size", 65536),
                 refcount_bits: number("refcount_bits", 16),
                 extended_l2: opt("extended_l2").is_some_and(|o| o.typed == Typed::Bool(true)),
@@ -127,7 +155,16 @@ pub fn run(args: Args) -> Result<()> {
                 full_prealloc: opt("preallocation")
                     .is_some_and(|o| o.text == "full" || o.text == "falloc"),
                 has_backing: opt("backing_file").is_some(),
+                luks_header: 0,
             };
+            if opt("encrypt.format").is_some_and(|o| o.text == "luks") {
+                let encrypt: Vec<(String, String)> = checked
+                    .iter()
+                    .filter_map(|o| Some((o.name.strip_prefix("encrypt.")?.into(), o.text.clone())))
+                    .collect();
+                layout.luks_header = measure::header_size(&encrypt, "encrypt.", &mut lookup)
+                    .map_err(|e| anyhow!(describe(&e)))?;
+            }
             let host_files = match (&args.filename, &snapshot_copy, &source) {
                 (_, Some(copy), Some(_)) => Some(HostFiles::new(&chain(&copy.image)?)),
                 (Some(file), None, Some(_)) => {
@@ -147,7 +184,17 @@ pub fn run(args: Args) -> Result<()> {
             let bitmaps = (layout.version >= 3 && source_has_bitmaps).then_some(0);
             (required, fully, bitmaps)
         }
-        Format::Luks => bail!("measuring LUKS images is not supported yet"),
+        Format::Luks => {
+            // QEMU's block_crypto_measure: every sector of the payload is written (encrypted), so
+            // required and fully allocated are the same.
+            let pairs: Vec<(String, String)> = checked
+                .iter()
+                .map(|o| (o.name.clone(), o.text.clone()))
+                .collect();
+            let header =
+                measure::header_size(&pairs, "", &mut lookup).map_err(|e| anyhow!(describe(&e)))?;
+            (header + virtual_size, header + virtual_size, None)
+        }
     };
 
     match output {
@@ -218,7 +265,8 @@ fn measure_qcow2(
     if layout.full_prealloc {
         data = virtual_size;
     }
-    let fully = prealloc_size(virtual_size, cs, layout.refcount_bits, l2_entry);
+    let fully = prealloc_size(virtual_size, cs, layout.refcount_bits, l2_entry)
+        + layout.luks_header.next_multiple_of(cs);
     Ok((fully - virtual_size + data, fully))
 }
 
@@ -262,6 +310,7 @@ mod tests {
             version: 3,
             full_prealloc: false,
             has_backing: false,
+            luks_header: 0,
         }
     }
 

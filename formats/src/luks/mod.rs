@@ -26,6 +26,7 @@ pub mod kdf;
 pub mod keyslot;
 pub mod luks1;
 pub mod luks2;
+pub mod measure;
 mod metadata;
 mod options;
 mod resize;
