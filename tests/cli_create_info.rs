@@ -946,6 +946,56 @@ fn bench_writes_land_where_qemu_img_puts_them() {
 }
 
 #[test]
+fn bench_takes_image_opts_as_qemu_img_does() {
+    let dir = temp_dir();
+    let raw = path_in(&dir, "r.img");
+    let (ours, theirs) = (path_in(&dir, "ours.qcow2"), path_in(&dir, "theirs.qcow2"));
+    qemu_img(["create", "-q", "-f", "raw", s(&raw), "4M"]).ok();
+    for q in [&ours, &theirs] {
+        qemu_img(["create", "-q", "-f", "qcow2", s(q), "4M"]).ok();
+    }
+    let opts = |p: &Path, extra: &str| format!("driver=qcow2,file.filename={}{extra}", s(p));
+    // Writes through --image-opts land where qemu-img's do; reads print the same.
+    let write = |p: &Path| {
+        let o = opts(p, "");
+        "bench -w -c 64 -d 4 -S 64k --pattern=7 --image-opts"
+            .split(' ')
+            .map(String::from)
+            .chain([o])
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (vdisk(write(&ours)), qemu_img(write(&theirs)));
+    assert_eq!((a.code, b.code), (Some(0), Some(0)), "{a:#?}");
+    assert_eq!(untimed(&a.stdout), untimed(&b.stdout));
+    qemu_img(["compare", "-q", s(&ours), s(&theirs)]).ok();
+    assert_qemu_check_clean(&ours);
+    let no_driver = format!("file.filename={}", s(&raw));
+    for spec in [opts(&ours, ""), no_driver] {
+        let args = ["bench", "-c", "10", "--image-opts", &spec];
+        let (a, b) = both(&args);
+        assert_eq!((a.code, b.code), (Some(0), Some(0)), "{args:?}: {a:#?}");
+        assert_eq!(untimed(&a.stdout), untimed(&b.stdout), "{args:?}");
+    }
+    let luks = format!("driver=luks,key-secret=s0,file.filename={}", s(&raw));
+    let foo = opts(&ours, ",foo=bar");
+    for args in [
+        vec!["bench", "-c", "10", "-f", "qcow2", "--image-opts", &foo],
+        vec!["bench", "-c", "10", "--image-opts", &foo],
+        vec!["bench", "-c", "10", "--image-opts", s(&ours)],
+        vec!["bench", "-c", "10", "--image-opts", &luks],
+        vec![
+            "bench",
+            "-c",
+            "10",
+            "--image-opts",
+            "driver=foo,file.filename=x",
+        ],
+    ] {
+        assert_same(&args);
+    }
+}
+
+#[test]
 fn bench_errors_match_qemu() {
     let dir = temp_dir();
     let q = path_in(&dir, "b.qcow2");

@@ -1,15 +1,16 @@
 //! `vdisk bench`: qemu-img's simple I/O benchmark, with `depth` threads issuing requests at once
 //! on one shared image.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::{BlockDev, Format, OpenOptions};
+use vdisk_formats::BlockDev;
 
 use crate::errors::{describe, UsageError};
+use crate::image_args::ImageRef;
+use crate::objects::Objects;
 use crate::numbers::{parse_int_in, parse_size_arg, NumError};
 
 /// Run a simple image benchmark.
@@ -47,7 +48,7 @@ pub struct Args {
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
 
-    /// FILENAME is an option string (not supported yet)
+    /// FILENAME is an option string (driver=qcow2,file.filename=disk.qcow2)
     #[arg(long = "image-opts")]
     image_opts: bool,
 
@@ -121,7 +122,7 @@ pub struct Args {
 
     /// The image to benchmark
     #[arg(value_name = "FILENAME")]
-    filename: Option<PathBuf>,
+    filename: Option<String>,
 
     /// More file names, refused with qemu-img's message
     #[arg(hide = true, allow_hyphen_values = true)]
@@ -237,10 +238,10 @@ pub fn run(args: Args) -> Result<()> {
     let (Some(file), true) = (args.filename.clone(), args.extra.is_empty()) else {
         return Err(UsageError::error("bench", "Expecting one image file name"));
     };
-    if args.image_opts {
-        bail!("--image-opts is not supported yet");
+    if args.image_opts && args.format.is_some() {
+        bail!("--image-opts and --format are mutually exclusive");
     }
-    let could_not_open = |why: String| anyhow!("Could not open '{}': {why}", file.display());
+    let could_not_open = |why: String| anyhow!("Could not open '{file}': {why}");
     let direct = matches!(args.cache.as_deref(), Some("none" | "off" | "directsync"));
     if (args.native || args.aio.as_deref() == Some("native")) && !direct {
         return Err(could_not_open(
@@ -248,20 +249,10 @@ pub fn run(args: Args) -> Result<()> {
                 .to_string(),
         ));
     }
-    let format = args
-        .format
-        .as_deref()
-        .map(|name| {
-            Format::from_name(name).map_err(|_| could_not_open(format!("Unknown driver '{name}'")))
-        })
-        .transpose()?;
-    let opts = OpenOptions {
-        format,
-        read_only: !plan.write,
-        no_backing: false,
-        backing_policy: crate::backing_policy::get(),
-    };
-    let dev = vdisk_formats::open(&file, opts).map_err(|e| could_not_open(describe(&e)))?;
+    // qemu-img bench takes no --object: an encrypted image has no secret to open with.
+    let image = ImageRef::parse(&file, args.format.as_deref(), args.image_opts)?
+        .with_secret(&Objects::default())?;
+    let dev = image.open(!plan.write, false)?;
 
     println!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
