@@ -10,8 +10,8 @@ use vdisk_formats::BlockDev;
 
 use crate::errors::{describe, UsageError};
 use crate::image_args::ImageRef;
-use crate::objects::Objects;
 use crate::numbers::{parse_int_in, parse_size_arg, NumError};
+use crate::objects::Objects;
 
 /// Run a simple image benchmark.
 ///
