@@ -4,8 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::qcow2::compressed::CompressionType;
-use vdisk_formats::{BlockDev, CreateOptions, ExtentKind, Format, FormatSpecific, ZeroFlags};
+use vdisk_formats::{BlockDev, ExtentKind, Format, ZeroFlags};
 
 use crate::errors::{describe, UsageError};
 use crate::image_args::{chain, check_cache_mode, ImageOpts, ImageRef, Layer};
@@ -82,9 +81,6 @@ pub fn run(args: Args) -> Result<()> {
             .ok_or_else(|| anyhow!("Did not find '{name}' in the backing chain of '{file}'"))?,
     };
     let empty_top = !args.drop && args.base.is_none();
-    if empty_top && !layers[0].info.snapshots.is_empty() {
-        bail!("emptying an image with internal snapshots is not supported yet; use -d");
-    }
     let base = &layers[depth];
     let base_format = base.format.as_deref().map(crate::image_args::parse_driver);
     let base_format = match base_format {
@@ -109,7 +105,7 @@ pub fn run(args: Args) -> Result<()> {
     progress.finish(copied.is_ok());
     copied?;
     if empty_top {
-        make_empty(&layers[0])?;
+        make_empty(&layers[0], &image)?;
     }
     if !args.quiet {
         println!("Image committed.");
@@ -161,31 +157,13 @@ fn copy_above(
     base.flush().map_err(|e| anyhow!(describe(&e)))
 }
 
-/// Empties a qcow2 overlay so that it reads through to its backing file again: the image is made
-/// anew with the same layout and backing file.
-fn make_empty(top: &Layer) -> Result<()> {
-    let info = &top.info;
-    let Some(FormatSpecific::Qcow2(q)) = &info.format_specific else {
+/// Empties the qcow2 overlay `top` (the image `image` names) so that it reads through to its
+/// backing file again, as qemu-img does (see [`vdisk_formats::qcow2::make_empty`]).
+fn make_empty(top: &Layer, image: &ImageRef) -> Result<()> {
+    if top.info.format != Format::Qcow2.name() {
         bail!("Image format does not support emptying");
-    };
-    let backing = info.backing.as_ref();
-    let opts = vdisk_formats::qcow2::CreateOptions {
-        size: Some(info.virtual_size),
-        cluster_size: info.cluster_size.unwrap_or(65536),
-        version: if q.compat == "0.10" { 2 } else { 3 },
-        refcount_bits: q.refcount_bits,
-        lazy_refcounts: q.lazy_refcounts.unwrap_or(false),
-        backing_file: backing.map(|b| b.filename.clone()),
-        backing_format: backing.and_then(|b| b.format.clone()),
-        open_backing: false,
-        compression_type: match q.compression_type.as_deref() {
-            Some("zstd") => CompressionType::Zstd,
-            _ => CompressionType::Zlib,
-        },
-        extended_l2: q.extended_l2.unwrap_or(false),
-        ..Default::default()
-    };
-    debug_assert_eq!(info.format, Format::Qcow2.name());
-    vdisk_formats::create(&top.path, &CreateOptions::Qcow2(opts))
+    }
+    let policy = crate::backing_policy::get();
+    vdisk_formats::qcow2::make_empty(&top.path, image.secret.as_ref(), policy)
         .map_err(|e| anyhow!("Could not empty {}: {}", top.path.display(), describe(&e)))
 }

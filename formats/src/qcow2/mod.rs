@@ -33,6 +33,7 @@ pub mod entry;
 pub mod header;
 mod l2_cache;
 mod lru;
+pub mod make_empty;
 mod mapping;
 pub mod metadata_prealloc;
 mod overlap;
@@ -49,6 +50,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use compressed::CompressionType;
 pub use create::{create, CreateOptions};
+pub use make_empty::make_empty;
 use crypt::Crypt;
 pub use crypt::{amend_encryption, amend_pairs, crypto_area, CryptoArea};
 use header::{crypt_method, incompat, Header};

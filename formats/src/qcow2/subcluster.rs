@@ -61,6 +61,8 @@ pub(super) enum Remap {
     Zero { unmap: bool },
     /// Drop their data; they read as zero, or old data, never backing data.
     Discard,
+    /// Make them unallocated: they read from the backing file again (QEMU's full discard).
+    Unallocate,
 }
 
 /// Where the old contents of a cluster come from when it is copied whole before a write.
@@ -380,10 +382,13 @@ impl Qcow2 {
                 return Ok(ExtL2Entry::hostless(match op {
                     Remap::Zero { .. } => ALL_SUBCLUSTERS,
                     Remap::Discard => !hidden,
+                    Remap::Unallocate => 0,
                 }));
             }
             // Discarding part of a compressed cluster is left undone (contents stay the same).
-            ExtL2Entry::Compressed(_) if op == Remap::Discard => return Ok(old),
+            ExtL2Entry::Compressed(_) if matches!(op, Remap::Discard | Remap::Unallocate) => {
+                return Ok(old)
+            }
             ExtL2Entry::Compressed(raw) => {
                 // Zeroing part of it: store it plainly first, then zero subclusters.
                 let host = self.alloc_clusters(meta, 1)?;
@@ -401,11 +406,12 @@ impl Qcow2 {
         bits.zero = match op {
             Remap::Zero { .. } => bits.zero | m,
             Remap::Discard => (bits.zero & !m) | (m & !hidden),
+            Remap::Unallocate => bits.zero & !m,
         };
         let release = bits.alloc == 0
             && match op {
                 Remap::Zero { unmap } => unmap || !copied,
-                Remap::Discard => true,
+                Remap::Discard | Remap::Unallocate => true,
             };
         Ok(match host {
             Some(h) if !release => ExtL2Entry::Standard {

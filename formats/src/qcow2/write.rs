@@ -335,7 +335,7 @@ impl Qcow2 {
 
     /// Rewrites the entries of whole clusters `start..end` with `new_entry(old)`; entries for
     /// which it returns `None` are left alone. Old references are released afterwards.
-    fn remap_clusters(
+    pub(super) fn remap_clusters(
         &self,
         start: u64,
         end: u64,
