@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_mode: bool,
 
-    /// Write the copied clusters compressed (not supported yet)
+    /// Write the clusters copied into the image compressed (qcow2)
     #[arg(short = 'c', long = "compress")]
     compress: bool,
 
