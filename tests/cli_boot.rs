@@ -6,14 +6,16 @@
 //! The guest is assembled with GNU as/ld; tests skip (saying why) without /dev/kvm or tools.
 
 mod common;
+#[path = "../vmm/tests/guest/guest.rs"]
+mod guest;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use guest::{expected_image, pattern};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
-const IMAGE_SIZE: usize = 1 << 20;
 
 fn usable(tools: &[&str]) -> bool {
     if let Err(e) = std::fs::OpenOptions::new()
@@ -31,82 +33,6 @@ fn usable(tools: &[&str]) -> bool {
         }
     }
     true
-}
-
-/// Assembles and links the PVH guest.
-fn build_guest(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm/tests/guest");
-    let obj = dir.join("guest.o");
-    let elf = dir.join("guest.elf");
-    let out = Command::new("as")
-        .args(["--64", "-o"])
-        .arg(&obj)
-        .arg(src.join("guest.s"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "as: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new("ld")
-        .arg("--no-warn-rwx-segments")
-        .arg("-T")
-        .arg(src.join("guest.ld"))
-        .arg("-o")
-        .arg(&elf)
-        .arg(&obj)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ld: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    elf
-}
-
-/// What the guest reads: sectors 0-7 hold a pattern, the rest is zero.
-fn pattern() -> Vec<u8> {
-    let mut data = vec![0u8; IMAGE_SIZE];
-    for (i, b) in data.iter_mut().enumerate().take(4096) {
-        *b = (i * 7 + i / 256) as u8;
-    }
-    data
-}
-
-/// What the guest writes to sectors 8-9.
-fn written() -> Vec<u8> {
-    (0..256u32)
-        .flat_map(|k| k.wrapping_mul(0x9e37_79b9).to_le_bytes())
-        .collect()
-}
-
-/// The image after the guest ran.
-fn expected_image() -> Vec<u8> {
-    let mut data = pattern();
-    data[8 * 512..10 * 512].copy_from_slice(&written());
-    data
-}
-
-fn dword_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(4)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-        .fold(0, u32::wrapping_add)
-}
-
-/// The guest's serial report.
-fn expected_report() -> String {
-    format!(
-        "vdisk-guest: mode=pvh dev=d0000000 cap=00000800\n\
-         read={:08x} isr=1\n\
-         id=vdisk0\n\
-         write=0 flush=0 verify={:08x}\n\
-         done\n",
-        dword_sum(&pattern()[..4096]),
-        dword_sum(&written()),
-    )
 }
 
 fn boot(kernel: &Path, extra: &[&str]) -> Outcome {
@@ -129,12 +55,12 @@ fn boots_on_raw_and_the_guest_writes_reach_the_image() {
         return;
     }
     let dir = temp_dir();
-    let kernel = build_guest(dir.path());
+    let kernel = guest::build_guest(dir.path(), true);
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, pattern()).unwrap();
     let disk = format!("{},format=raw", img.display());
     let out = boot(&kernel, &["--disk", &disk, "--serial", "stdio"]).ok();
-    assert_eq!(out.stdout, expected_report());
+    assert_eq!(out.stdout, guest::expected_report("pvh"));
     assert!(std::fs::read(&img).unwrap() == expected_image());
 
     // The same report in a serial log file; a read-only disk refuses the guest's write.
@@ -166,7 +92,7 @@ fn boots_on_a_qcow2_overlay_whose_backing_file_stays_untouched() {
         return;
     }
     let dir = temp_dir();
-    let kernel = build_guest(dir.path());
+    let kernel = guest::build_guest(dir.path(), true);
     let base = dir.path().join("base.raw");
     std::fs::write(&base, pattern()).unwrap();
     let overlay = dir.path().join("overlay.qcow2");
@@ -194,7 +120,7 @@ fn boots_on_a_qcow2_overlay_whose_backing_file_stays_untouched() {
         ],
     )
     .ok();
-    assert_eq!(out.stdout, expected_report());
+    assert_eq!(out.stdout, guest::expected_report("pvh"));
     assert!(
         std::fs::read(&base).unwrap() == pattern(),
         "the backing file changed"
@@ -230,7 +156,7 @@ fn boots_on_luks_with_a_key_secret() {
         return;
     }
     let dir = temp_dir();
-    let kernel = build_guest(dir.path());
+    let kernel = guest::build_guest(dir.path(), true);
     let plain = dir.path().join("plain.raw");
     std::fs::write(&plain, pattern()).unwrap();
     let luks = dir.path().join("disk.luks");
@@ -254,7 +180,7 @@ fn boots_on_luks_with_a_key_secret() {
         &["--object", "secret,id=pw,data=swordfish", "--disk", &disk],
     )
     .ok();
-    assert_eq!(out.stdout, expected_report());
+    assert_eq!(out.stdout, guest::expected_report("pvh"));
     let back = dir.path().join("back.raw");
     qemu_img([
         "convert",
@@ -294,7 +220,7 @@ fn failures_have_clear_messages_and_status_1() {
         return;
     }
     let dir = temp_dir();
-    let kernel = build_guest(dir.path());
+    let kernel = guest::build_guest(dir.path(), true);
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, pattern()).unwrap();
     let disk = format!("{},format=raw", img.display());

@@ -14,13 +14,15 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
+#[path = "guest/guest.rs"]
+mod guest;
 
 use common::{create_qcow2_overlay, format_luks2, qemu_img};
+use guest::{build_guest, expected_image, expected_report, pattern, IMAGE_SIZE};
 use vdisk_vmm::{DiskConfig, DiskSpec, ExitReason, SerialConfig, Vm, VmConfig};
 
 /// How long a tiny guest may take, even fully emulated.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const IMAGE_SIZE: usize = 1 << 20;
 
 fn skip(why: &str) -> bool {
     eprintln!("skipped: {why}");
@@ -43,44 +45,6 @@ fn tool_missing(tool: &str) -> bool {
         Ok(o) if o.status.success() => false,
         _ => skip(&format!("{tool} is not installed")),
     }
-}
-
-/// Assembles and links the guest; `pvh` chooses whether it carries the PVH note.
-fn build_guest(dir: &Path, pvh: bool) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
-    let obj = dir.join("guest.o");
-    let elf = dir.join(if pvh { "guest-pvh.elf" } else { "guest-64.elf" });
-    let mut asm = Command::new("as");
-    asm.arg("--64");
-    if !pvh {
-        asm.args(["--defsym", "NO_PVH=1"]);
-    }
-    let out = asm
-        .arg("-o")
-        .arg(&obj)
-        .arg(src.join("guest.s"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "as: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new("ld")
-        .arg("--no-warn-rwx-segments")
-        .arg("-T")
-        .arg(src.join("guest.ld"))
-        .arg("-o")
-        .arg(&elf)
-        .arg(&obj)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ld: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    elf
 }
 
 /// Wraps the 64-bit guest into a minimal bzImage: one setup sector holding a boot protocol 2.12
@@ -115,29 +79,6 @@ fn build_bzimage(dir: &Path) -> PathBuf {
     let path = dir.join("bzImage");
     std::fs::write(&path, image).unwrap();
     path
-}
-
-/// The image the guest reads: every byte of sectors 0-7 differs from its neighbours.
-fn pattern() -> Vec<u8> {
-    let mut data = vec![0u8; IMAGE_SIZE];
-    for (i, b) in data.iter_mut().enumerate().take(4096) {
-        *b = (i * 7 + i / 256) as u8;
-    }
-    data
-}
-
-/// What the guest writes to sectors 8-9.
-fn written() -> Vec<u8> {
-    (0..256u32)
-        .flat_map(|k| k.wrapping_mul(0x9e37_79b9).to_le_bytes())
-        .collect()
-}
-
-fn dword_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(4)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-        .fold(0, u32::wrapping_add)
 }
 
 /// How a boot went.
@@ -206,16 +147,7 @@ fn boot_disk(kernel: &Path, disk: DiskConfig, cpus: u8, dir: &Path, seccomp: boo
 
 /// Checks the serial report line by line.
 fn check_report(report: &str, mode: &str) {
-    let expected = format!(
-        "vdisk-guest: mode={mode} dev=d0000000 cap=00000800\n\
-         read={:08x} isr=1\n\
-         id=vdisk0\n\
-         write=0 flush=0 verify={:08x}\n\
-         done\n",
-        dword_sum(&pattern()[..4096]),
-        dword_sum(&written()),
-    );
-    assert_eq!(report, expected);
+    assert_eq!(report, expected_report(mode));
 }
 
 /// Boots `kernel` on a fresh raw image with the pattern, checks the report printed in `mode`,
@@ -299,12 +231,6 @@ fn pvh_guest_on_qcow2_image_with_two_vcpus_matches_qemu_img() {
 }
 
 /// The image after the guest's run: the pattern with sectors 8-9 written.
-fn expected_image() -> Vec<u8> {
-    let mut expected = pattern();
-    expected[8 * 512..10 * 512].copy_from_slice(&written());
-    expected
-}
-
 /// The host side agrees: the qcow2 image is consistent and holds exactly the expected data.
 fn assert_qcow2_holds_the_expected_image(qcow2: &Path, dir: &Path) {
     let qcow2 = qcow2.to_str().unwrap();
