@@ -1,34 +1,12 @@
 //! Backing chains, checked through qemu-img: reads fall through, writes copy on write, the backing
 //! file is never touched, extents report the resolving layer like `qemu-img map`.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
+use common::{qemu_read_all, tool};
 use vdisk_formats::{create, open, qcow2, CreateOptions, ExtentKind, OpenOptions, ZeroFlags};
-
-fn qemu(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn to_raw(img: &Path) -> Vec<u8> {
-    let raw = img.with_extension("converted.raw");
-    qemu(&[
-        "qemu-img",
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    std::fs::read(raw).unwrap()
-}
 
 fn overlay(path: &Path, backing: &str, fmt: &str, size: Option<u64>, version: u32) {
     let opts = qcow2::CreateOptions {
@@ -48,8 +26,8 @@ fn overlay_over_qemu_base_reads_through_and_copies_on_write() {
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
         let b = base.to_str().unwrap();
-        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", b, "4M"]);
-        qemu(&[
+        tool(&["qemu-img", "create", "-q", "-f", "qcow2", b, "4M"]);
+        tool(&[
             "qemu-io",
             "-c",
             "write -P 0x11 0 1M",
@@ -60,7 +38,7 @@ fn overlay_over_qemu_base_reads_through_and_copies_on_write() {
         let base_before = std::fs::read(&base).unwrap();
         overlay(&top, "base.qcow2", "qcow2", None, version);
 
-        let mut model = to_raw(&base);
+        let mut model = qemu_read_all(&base);
         let img = open(&top, OpenOptions::default()).unwrap();
         assert_eq!(img.size(), 4 << 20);
         // Unaligned writes: the rest of each touched cluster must come from the backing file.
@@ -101,10 +79,10 @@ fn overlay_over_qemu_base_reads_through_and_copies_on_write() {
         drop(img);
 
         assert!(
-            to_raw(&top) == model,
+            qemu_read_all(&top) == model,
             "qemu-img reads different data (v{version})"
         );
-        qemu(&["qemu-img", "check", top.to_str().unwrap()]);
+        tool(&["qemu-img", "check", top.to_str().unwrap()]);
         assert_eq!(
             std::fs::read(&base).unwrap(),
             base_before,
@@ -123,7 +101,7 @@ fn overlay_larger_than_raw_backing_reads_zero_past_its_end() {
     let img = open(&top, OpenOptions::default()).unwrap();
     img.write_at(&[1, 2, 3], 99_999).unwrap();
     drop(img);
-    let raw = to_raw(&top);
+    let raw = qemu_read_all(&top);
     assert!(raw[..99_999].iter().all(|&b| b == 0x5a));
     assert_eq!(&raw[99_999..100_002], &[1, 2, 3]);
     assert!(raw[100_002..].iter().all(|&b| b == 0));
@@ -135,9 +113,9 @@ fn extents_report_the_layer_like_qemu_img_map() {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
-    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", b, "1M"]);
-    qemu(&["qemu-io", "-c", "write -P 1 0 64k", b]);
-    qemu(&[
+    tool(&["qemu-img", "create", "-q", "-f", "qcow2", b, "1M"]);
+    tool(&["qemu-io", "-c", "write -P 1 0 64k", b]);
+    tool(&[
         "qemu-img",
         "create",
         "-q",
@@ -150,9 +128,9 @@ fn extents_report_the_layer_like_qemu_img_map() {
         t,
         "2M",
     ]);
-    qemu(&["qemu-io", "-c", "write -P 2 64k 64k", t]);
+    tool(&["qemu-io", "-c", "write -P 2 64k 64k", t]);
     let map: Vec<serde_like::Entry> =
-        serde_like::parse(&qemu(&["qemu-img", "map", "--output=json", t]));
+        serde_like::parse(&tool(&["qemu-img", "map", "--output=json", t]));
     let img = open(&top, OpenOptions::default()).unwrap();
     for e in map {
         let x = img.extent(e.start, e.length).unwrap();
@@ -172,7 +150,7 @@ fn backing_loops_and_protocol_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
-    qemu(&[
+    tool(&[
         "qemu-img",
         "create",
         "-q",
@@ -183,7 +161,7 @@ fn backing_loops_and_protocol_names_are_refused() {
     ]);
     overlay(&a, "b.qcow2", "qcow2", None, 3);
     // Point b back at a without opening it.
-    qemu(&[
+    tool(&[
         "qemu-img",
         "rebase",
         "-u",
@@ -197,7 +175,7 @@ fn backing_loops_and_protocol_names_are_refused() {
     assert!(format!("{err:?}").contains("loop"), "{err:?}");
 
     let c = dir.path().join("c.qcow2");
-    qemu(&[
+    tool(&[
         "qemu-img",
         "create",
         "-q",
@@ -206,7 +184,7 @@ fn backing_loops_and_protocol_names_are_refused() {
         c.to_str().unwrap(),
         "1M",
     ]);
-    qemu(&[
+    tool(&[
         "qemu-img",
         "rebase",
         "-u",

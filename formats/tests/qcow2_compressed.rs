@@ -2,35 +2,14 @@
 //! back identically; clusters vdisk compresses read back identically in qemu-img, with QEMU's
 //! refcounts (`qemu-img check` clean); rewriting part of a compressed cluster decompresses it.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
+use common::{qemu_read_all, tool};
 use vdisk_formats::qcow2::compressed::CompressionType;
 use vdisk_formats::{create, open, qcow2, CreateOptions, OpenOptions, ZeroFlags};
-
-fn run(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn to_raw(img: &Path) -> Vec<u8> {
-    let raw = img.with_extension("converted.raw");
-    run(&[
-        "qemu-img",
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    std::fs::read(raw).unwrap()
-}
 
 /// Text-like data that compresses to roughly a third, and a random tail that does not compress.
 fn sample(len: usize) -> Vec<u8> {
@@ -86,7 +65,7 @@ fn clusters_compressed_by_qemu_read_back_identically() {
         let data = sample(3 << 20);
         std::fs::write(&src, &data).unwrap();
         let opts = format!("compression_type={kind},cluster_size={cs}");
-        run(&[
+        tool(&[
             "qemu-img",
             "convert",
             "-c",
@@ -153,10 +132,10 @@ fn clusters_compressed_by_vdisk_read_back_in_qemu_and_check_clean() {
         drop(dev);
         check_clean(&img);
         assert!(
-            to_raw(&img) == data,
+            qemu_read_all(&img) == data,
             "{kind:?}/{cs}: qemu-img reads different data"
         );
-        let info = String::from_utf8(run(&["qemu-img", "info", img.to_str().unwrap()])).unwrap();
+        let info = String::from_utf8(tool(&["qemu-img", "info", img.to_str().unwrap()])).unwrap();
         assert!(
             info.contains(&format!("compression type: {}", kind.name())),
             "{info}"
@@ -176,7 +155,7 @@ fn rewriting_compressed_clusters_releases_them() {
     let img = dir.path().join("c.qcow2");
     let mut model = sample(1 << 20);
     std::fs::write(&src, &model).unwrap();
-    run(&[
+    tool(&[
         "qemu-img",
         "convert",
         "-c",
@@ -205,5 +184,5 @@ fn rewriting_compressed_clusters_releases_them() {
     dev.flush().unwrap();
     drop(dev);
     check_clean(&img);
-    assert!(to_raw(&img) == model);
+    assert!(qemu_read_all(&img) == model);
 }

@@ -1,40 +1,18 @@
 //! Writing to an image with internal snapshots (made by qemu-img) copies shared L2 tables and data
 //! clusters, so the snapshot keeps its data: checked with qemu-img check, convert and snapshot -a.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use common::{qemu_read_all, tool};
 use vdisk_formats::{open, OpenOptions, ZeroFlags};
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn to_raw(img: &Path, out: &Path) -> Vec<u8> {
-    run(&[
-        "qemu-img",
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
-}
 
 #[test]
 fn writes_after_a_snapshot_leave_the_snapshot_intact() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("s.qcow2");
     let i = img.to_str().unwrap();
-    run(&["qemu-img", "create", "-q", "-f", "qcow2", i, "4M"]);
-    run(&[
+    tool(&["qemu-img", "create", "-q", "-f", "qcow2", i, "4M"]);
+    tool(&[
         "qemu-io",
         "-c",
         "write -P 0x41 0 2M",
@@ -42,8 +20,8 @@ fn writes_after_a_snapshot_leave_the_snapshot_intact() {
         "write -c -P 0x42 3M 64k",
         i,
     ]);
-    let before = to_raw(&img, &dir.path().join("a.raw"));
-    run(&["qemu-img", "snapshot", "-c", "snap1", i]);
+    let before = qemu_read_all(&img);
+    tool(&["qemu-img", "snapshot", "-c", "snap1", i]);
 
     let dev = open(&img, OpenOptions::default()).unwrap();
     let mut model = before.clone();
@@ -72,15 +50,9 @@ fn writes_after_a_snapshot_leave_the_snapshot_intact() {
     dev.flush().unwrap();
     drop(dev);
 
-    run(&["qemu-img", "check", i]);
-    assert!(
-        to_raw(&img, &dir.path().join("b.raw")) == model,
-        "active layer differs"
-    );
-    run(&["qemu-img", "snapshot", "-a", "snap1", i]);
-    run(&["qemu-img", "check", i]);
-    assert!(
-        to_raw(&img, &dir.path().join("c.raw")) == before,
-        "snapshot data changed"
-    );
+    tool(&["qemu-img", "check", i]);
+    assert!(qemu_read_all(&img) == model, "active layer differs");
+    tool(&["qemu-img", "snapshot", "-a", "snap1", i]);
+    tool(&["qemu-img", "check", i]);
+    assert!(qemu_read_all(&img) == before, "snapshot data changed");
 }

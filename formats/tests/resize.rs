@@ -1,23 +1,20 @@
 //! Resize, checked through qemu-img: sizes, data kept, clusters released, check clean.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::{qemu_read_all, tool};
+
+/// `tool`, its output as text.
+fn text(args: &[&str]) -> String {
+    String::from_utf8_lossy(&tool(args)).into_owned()
+}
 
 use vdisk_formats::{open, resize, Format, OpenOptions, Preallocation};
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn virtual_size(img: &Path) -> u64 {
-    let info = run(&["qemu-img", "info", "--output=json", img.to_str().unwrap()]);
+    let info = text(&["qemu-img", "info", "--output=json", img.to_str().unwrap()]);
     let at = info.rfind("\"virtual-size\": ").unwrap() + 16;
     info[at..]
         .split(|c: char| !c.is_ascii_digit())
@@ -27,37 +24,24 @@ fn virtual_size(img: &Path) -> u64 {
         .unwrap()
 }
 
-fn to_raw(img: &Path) -> Vec<u8> {
-    let raw = img.with_extension("raw-out");
-    run(&[
-        "qemu-img",
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    std::fs::read(raw).unwrap()
-}
-
 #[test]
 fn qcow2_grow_moves_l1_and_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("g.qcow2");
     let i = img.to_str().unwrap();
-    run(&["qemu-img", "create", "-q", "-f", "qcow2", i, "1M"]);
-    run(&["qemu-io", "-c", "write -P 0x33 4096 100000", i]);
+    text(&["qemu-img", "create", "-q", "-f", "qcow2", i, "1M"]);
+    text(&["qemu-io", "-c", "write -P 0x33 4096 100000", i]);
     resize(&img, None, 1 << 40, false, Preallocation::Off).unwrap();
     assert_eq!(virtual_size(&img), 1 << 40);
-    run(&["qemu-img", "check", i]);
+    text(&["qemu-img", "check", i]);
     let dev = open(&img, OpenOptions::default()).unwrap();
     let mut buf = vec![0u8; 100000];
     dev.read_at(&mut buf, 4096).unwrap();
     assert!(buf.iter().all(|&b| b == 0x33));
     dev.write_at(&[9u8; 10], (1 << 40) - 10).unwrap();
     drop(dev);
-    run(&["qemu-img", "check", i]);
-    let out = run(&["qemu-io", "-c", "read -P 9 1099511627766 10", i]);
+    text(&["qemu-img", "check", i]);
+    let out = text(&["qemu-io", "-c", "read -P 9 1099511627766 10", i]);
     assert!(out.contains("read 10/10"), "{out}");
 }
 
@@ -66,8 +50,8 @@ fn qcow2_shrink_releases_clusters_and_regrow_reads_zero() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("s.qcow2");
     let i = img.to_str().unwrap();
-    run(&["qemu-img", "create", "-q", "-f", "qcow2", i, "64M"]);
-    run(&["qemu-io", "-c", "write -P 0x44 0 64M", i]);
+    text(&["qemu-img", "create", "-q", "-f", "qcow2", i, "64M"]);
+    text(&["qemu-io", "-c", "write -P 0x44 0 64M", i]);
     let before = std::fs::metadata(&img).unwrap().len();
     let err = resize(&img, None, 1 << 20, false, Preallocation::Off).unwrap_err();
     assert!(err.to_string().contains("--shrink"), "{err}");
@@ -81,14 +65,14 @@ fn qcow2_shrink_releases_clusters_and_regrow_reads_zero() {
     .unwrap();
     assert_eq!(virtual_size(&img), (1 << 20) + 512);
     // qemu-img check exits 0 only with neither corruption nor leaks.
-    run(&["qemu-img", "check", i]);
+    text(&["qemu-img", "check", i]);
     assert!(
         std::fs::metadata(&img).unwrap().len() < before / 16,
         "file was not truncated"
     );
     resize(&img, None, 2 << 20, false, Preallocation::Off).unwrap();
-    run(&["qemu-img", "check", i]);
-    let data = to_raw(&img);
+    text(&["qemu-img", "check", i]);
+    let data = qemu_read_all(&img);
     assert!(data[..(1 << 20) + 512].iter().all(|&b| b == 0x44));
     assert!(
         data[(1 << 20) + 512..].iter().all(|&b| b == 0),
@@ -106,16 +90,16 @@ fn qcow2_grow_with_preallocation_allocates_the_new_area() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("p.qcow2");
         let i = img.to_str().unwrap();
-        run(&["qemu-img", "create", "-q", "-f", "qcow2", i, "1M"]);
+        text(&["qemu-img", "create", "-q", "-f", "qcow2", i, "1M"]);
         resize(&img, None, 9 << 20, false, mode).unwrap();
-        run(&["qemu-img", "check", i]);
-        let map = run(&["qemu-img", "map", "--output=json", i]);
+        text(&["qemu-img", "check", i]);
+        let map = text(&["qemu-img", "map", "--output=json", i]);
         let last = map.lines().last().unwrap();
         assert!(
             last.contains("\"data\": true") && last.contains("\"start\": 1048576"),
             "{mode:?}: {map}"
         );
-        assert!(to_raw(&img).iter().all(|&b| b == 0));
+        assert!(qemu_read_all(&img).iter().all(|&b| b == 0));
     }
 }
 

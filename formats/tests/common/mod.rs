@@ -48,6 +48,12 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs `args[0]` with the other arguments (a qemu-img or qemu-io command line); it must
+/// succeed. Returns its stdout.
+pub fn tool(args: &[&str]) -> Vec<u8> {
+    run_ok(Command::new(args[0]).args(&args[1..])).stdout
+}
+
 pub fn qemu_img() -> Command {
     let mut cmd = Command::new("qemu-img");
     // vdisk takes no file locks, but a test may still hold an image open for writing.
@@ -131,18 +137,18 @@ pub fn check(path: &Path, leaks_ok: bool) -> CheckReport {
     }
 }
 
-/// `qemu-img convert -O raw` of a qcow2 image.
+/// `qemu-img convert -O raw` of an image (qcow2, or raw; the format is probed).
 pub fn convert_to_raw(img: &Path, raw: &Path) {
     run_ok(
         qemu_img()
             // No flush of the output: it is read at once and thrown away.
-            .args(["convert", "-t", "unsafe", "-f", "qcow2", "-O", "raw"])
+            .args(["convert", "-t", "unsafe", "-O", "raw"])
             .arg(img)
             .arg(raw),
     );
 }
 
-/// The guest contents of a (small) qcow2 image, read by qemu-img.
+/// The guest contents of a (small) image, read by qemu-img.
 pub fn qemu_read_all(img: &Path) -> Vec<u8> {
     let raw = img.with_extension("qemu-read.raw");
     convert_to_raw(img, &raw);
