@@ -19,6 +19,7 @@ have certtool   || need+=(gnutls-bin)
 have nbdsh      || need+=(python3-libnbd)
 have as         || need+=(binutils)
 have iasl       || need+=(acpica-tools)
+have strace     || need+=(strace)   # tests/cli_convert_offload.rs watches copy_file_range
 [ -x /usr/bin/time ] || need+=(time)   # bench/bench.sh reads peak RSS from it
 python3 -c "import cryptography" 2>/dev/null || need+=(python3-cryptography)
 
