@@ -286,6 +286,9 @@ const CASES: &[Case] = &[
     Case { args: &["convert", "--salvage", "-O", "raw", "q.qcow2", "out.raw"], outputs: &["out.raw"], ..C },
     Case { args: &["resize", "--preallocation=falloc", "-f", "raw", "raw.img", "12M"], outputs: &["raw.img"], ..C },
     Case { args: &["resize", "--preallocation=full", "q.qcow2", "4M"], ..C },
+    Case { args: &["resize", "--preallocation=metadata", "x.qcow2", "200M"], prep: &[EXTL2_FROM_Q], outputs: &["x.qcow2"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"], &["compare", "x.qcow2", "q.qcow2"]], ..C },
+    Case { args: &["resize", "--preallocation=full", "x.qcow2", "+3M"], prep: &[EXTL2_FROM_Q], outputs: &["x.qcow2"], post: &[&["compare", "x.qcow2", "q.qcow2"]], ..C },
+    Case { args: &["resize", "--preallocation=falloc", "x.qcow2", "+3M"], prep: &[EXTL2_FROM_Q], outputs: &["x.qcow2"], post: &[&["compare", "x.qcow2", "q.qcow2"]], ..C },
     Case { args: &["map", "--output=json", "--max-length", "1M", "raw.img"], stdout: Out::Json, ..C },
     Case { args: &["map", "--output=json", "--start-offset", "2G", "raw.img"], stdout: Out::Json, ..C },
     Case { args: &["measure", "-O", "qcow2", "--size", "100P"], ..C },
@@ -349,6 +352,8 @@ const CASES: &[Case] = &[
 ];
 
 const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
+/// q.qcow2 with extended L2 entries (32 subclusters per cluster).
+const EXTL2_FROM_Q: &[&str] = &["convert", "-O", "qcow2", "-o", "extended_l2=on", "q.qcow2", "x.qcow2"];
 /// Images whose clusters are all allocated: over holes of the file (QEMU guesses metadata
 /// preallocation and reports them as zero), and over allocated, unwritten space (data).
 const PREALLOC_METADATA: &[&str] = &[

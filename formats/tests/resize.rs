@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{qemu_read_all, tool};
+use common::{map_without_offsets, qemu_read_all, tool};
 
 /// `tool`, its output as text.
 fn text(args: &[&str]) -> String {
@@ -120,4 +120,39 @@ fn raw_resize_grows_sparse_and_shrinks_only_when_asked() {
         st.blocks() * 512 >= 1 << 20,
         "full preallocation left holes"
     );
+}
+
+#[test]
+fn qcow2_with_extended_l2_grows_preallocated_as_qemu_img_grows_it() {
+    for (mode, name) in [
+        (Preallocation::Metadata, "metadata"),
+        (Preallocation::Falloc, "falloc"),
+        (Preallocation::Full, "full"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        let (o, t) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
+        for i in [o, t] {
+            common::qemu_create(Path::new(i), 1 << 20, "extended_l2=on");
+            text(&["qemu-io", "-c", "write -P 7 0 100k", i]);
+        }
+        resize(&ours, None, 5 << 20, false, mode).unwrap();
+        let prealloc = format!("--preallocation={name}");
+        text(&["qemu-img", "resize", "-q", &prealloc, t, "5M"]);
+        text(&["qemu-img", "check", o]);
+        // New clusters have a host cluster but no allocated subcluster: they read as zero.
+        assert_eq!(
+            map_without_offsets(&ours),
+            map_without_offsets(&theirs),
+            "{name}"
+        );
+        let last = text(&["qemu-img", "map", "--output=json", o]);
+        let last = last.lines().last().unwrap();
+        assert!(
+            last.contains("\"start\": 1048576") && last.contains("\"offset\""),
+            "{last}"
+        );
+        text(&["qemu-img", "compare", "-q", o, t]);
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use super::entry::{L2Entry, COPIED};
+use super::entry::{Bitmap, ExtL2Entry, L2Entry, COPIED};
 use super::Qcow2;
 use crate::block::{BlockDev, ZeroFlags};
 use crate::chain::{BackingPolicy, ChainCtx};
@@ -128,13 +128,10 @@ impl Qcow2 {
     }
 
     /// Allocates the clusters of `start..end` (cluster aligned at `start`) as preallocated data.
+    /// With extended L2 entries the clusters get their host cluster and no subcluster is marked
+    /// allocated, as QEMU links preallocated clusters (`QCowL2Meta::prealloc`): they read as
+    /// zero (or from the backing file) until written.
     fn preallocate(&self, start: u64, end: u64, mode: Preallocation) -> Result<()> {
-        if self.header().extended_l2() {
-            return Err(Error::unsupported(
-                self.path(),
-                "preallocation while resizing images with extended L2 entries is not supported yet",
-            ));
-        }
         let cs = self.geo.cluster_size();
         let mut cur = start;
         while cur < end {
@@ -153,8 +150,20 @@ impl Qcow2 {
                     }
                 }
             }
-            let entries: Vec<u64> = (0..n).map(|k| (host + k * cs) | COPIED).collect();
-            self.set_l2_entries(table_off, self.geo.l2_index(cur), &entries)?;
+            let index = self.geo.l2_index(cur);
+            if self.geo.extended_l2 {
+                let entries: Vec<ExtL2Entry> = (0..n)
+                    .map(|k| ExtL2Entry::Standard {
+                        host: Some(host + k * cs),
+                        copied: true,
+                        bits: Bitmap::default(),
+                    })
+                    .collect();
+                self.set_ext_l2_entries(table_off, index, &entries)?;
+            } else {
+                let entries: Vec<u64> = (0..n).map(|k| (host + k * cs) | COPIED).collect();
+                self.set_l2_entries(table_off, index, &entries)?;
+            }
             cur = span_end;
         }
         Ok(())

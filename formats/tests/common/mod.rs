@@ -331,6 +331,22 @@ pub fn qemu_map(img: &Path) -> Vec<Run> {
     runs
 }
 
+/// `qemu-img map --output=json` as text without the host offsets: what each range reads as, for
+/// comparing images whose clusters lie in different places.
+pub fn map_without_offsets(img: &Path) -> String {
+    let out = run_ok(qemu_img().args(["map", "--output=json"]).arg(img));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            l.split(", \"offset\"")
+                .next()
+                .unwrap()
+                .trim_end_matches('}')
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Requires vdisk's `extent()` runs to agree with `qemu-img map` (kind and host offsets).
 pub fn assert_extents_agree(dev: &dyn BlockDev, img: &Path, what: &str) {
     let ours = vdisk_map(dev);
