@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Result};
 use vdisk_formats::image::create_options_help;
 use vdisk_formats::qcow2::amend::{rewrite_header, HeaderChanges};
 use vdisk_formats::qcow2::refcount_width::change_refcount_width;
-use vdisk_formats::{ExtentKind, Format, FormatSpecific};
+use vdisk_formats::{Format, FormatSpecific};
 
 use crate::errors::{describe, UsageError};
 use crate::image_args::{check_cache_mode, ImageOpts};
@@ -123,9 +123,6 @@ pub fn run(args: Args) -> Result<()> {
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
         );
     }
-    if changes.version == Some(2) && q.compat != "0.10" {
-        expand_zero_clusters(&image, format, info.backing.is_some())?;
-    }
     if changes != HeaderChanges::default() {
         rewrite_header(&image.path, &changes).map_err(|e| anyhow!(describe(&e)))?;
     }
@@ -143,38 +140,4 @@ pub fn run(args: Args) -> Result<()> {
         .map_err(|e| anyhow!(describe(&e)))?;
     }
     Ok(())
-}
-
-/// Version 2 images have no zero clusters: before a downgrade, as QEMU does, each one becomes
-/// unallocated (without a backing file, that reads as zero too) or, over a backing file, a data
-/// cluster holding zero bytes.
-fn expand_zero_clusters(
-    image: &crate::image_args::ImageRef,
-    format: Format,
-    has_backing: bool,
-) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let dev = image.open_as(format, false, true)?;
-    let size = dev.size();
-    let zeroes = vec![0u8; CHUNK as usize];
-    let mut off = 0;
-    while off < size {
-        let e = dev
-            .extent(off, size - off)
-            .map_err(|e| anyhow!(describe(&e)))?;
-        if e.kind == ExtentKind::Zero && !has_backing {
-            dev.discard(off, e.length)
-                .map_err(|e| anyhow!(describe(&e)))?;
-        } else if e.kind == ExtentKind::Zero {
-            let mut at = off;
-            while at < off + e.length {
-                let n = CHUNK.min(off + e.length - at);
-                dev.write_at(&zeroes[..n as usize], at)
-                    .map_err(|e| anyhow!(describe(&e)))?;
-                at += n;
-            }
-        }
-        off += e.length;
-    }
-    dev.flush().map_err(|e| anyhow!(describe(&e)))
 }

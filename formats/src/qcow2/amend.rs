@@ -1,6 +1,6 @@
 //! Header rewrites for `amend` and `rebase`: the backing file name and format, the compatibility
-//! level and lazy refcounts. Tables and data are not touched, so each change is one write of the
-//! header cluster.
+//! level and lazy refcounts. Each change is one write of the header cluster; only a downgrade to
+//! version 2 touches the tables first, to expand zero clusters.
 
 use std::path::Path;
 
@@ -22,7 +22,8 @@ pub struct HeaderChanges {
 
 /// Applies `changes` to the header of the qcow2 image at `path`. Fails, changing nothing, when
 /// the result would be invalid (lazy refcounts on version 2) or when a downgrade to version 2
-/// would lose information (zero clusters, other refcount widths, v3-only features).
+/// would lose information (other refcount widths, v3-only features). A downgrade expands zero
+/// clusters first, as QEMU does (see [`expand_zero_clusters`]).
 pub fn rewrite_header(path: &Path, changes: &HeaderChanges) -> Result<()> {
     let file = HostFile::open(path, false)?;
     let len = file.len()?;
@@ -61,11 +62,11 @@ pub fn rewrite_header(path: &Path, changes: &HeaderChanges) -> Result<()> {
                     "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
                 );
             }
-            if has_zero_clusters(path)? {
-                return unsupported(
-                    "cannot downgrade to compat=0.10: the image has zero clusters (not supported yet)",
-                );
-            }
+            // Version 2 has no zero clusters; expanding them allocates, so the header (refcount
+            // table offset, ...) is read again afterwards.
+            expand_zero_clusters(path, h.backing_file.is_some())?;
+            file.read_at(&mut first, 0)?;
+            h = Header::parse(path, &first, file.len()?)?;
             h.version = 2;
             h.compatible_features = 0;
             h.autoclear_features = 0;
@@ -116,17 +117,30 @@ pub fn rewrite_header(path: &Path, changes: &HeaderChanges) -> Result<()> {
     file.sync()
 }
 
-/// Whether the active L1 table maps any zero cluster (version 2 cannot express them).
-fn has_zero_clusters(path: &Path) -> Result<bool> {
-    let img = Qcow2::open_with(path, true, None)?;
+/// Turns the zero clusters of the active L1 table into what version 2 can express, as QEMU's
+/// `qcow2_expand_zero_clusters` does before a downgrade: zero clusters without a host cluster
+/// become unallocated when there is no backing file (that reads as zero there); all others
+/// become data clusters holding zero bytes (in their own host cluster when they have one). The
+/// image is opened without its backing file for this.
+fn expand_zero_clusters(path: &Path, has_backing: bool) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let img = Qcow2::open_with(path, false, None)?;
     let size = img.size();
+    let zeroes = vec![0u8; CHUNK.min(size) as usize];
     let mut off = 0;
     while off < size {
         let e = img.extent(off, size - off)?;
-        if e.kind == ExtentKind::Zero {
-            return Ok(true);
+        if e.kind == ExtentKind::Zero && e.host_offset.is_none() && !has_backing {
+            img.discard(off, e.length)?;
+        } else if e.kind == ExtentKind::Zero {
+            let mut at = off;
+            while at < off + e.length {
+                let n = CHUNK.min(off + e.length - at);
+                img.write_at(&zeroes[..n as usize], at)?;
+                at += n;
+            }
         }
         off += e.length;
     }
-    Ok(false)
+    img.flush()
 }
