@@ -46,7 +46,8 @@ qcow2_seeds() {
     make extl2 cluster_size=16384,extended_l2=on 2M 'write -P 8 0 2k' 'write -P 9 8k 1k' 'write -z 12k 512'
     make lazy cluster_size=4096,lazy_refcounts=on 2M 'write -P 10 0 8k'
     make prealloc cluster_size=4096,preallocation=metadata 256k
-    make big cluster_size=4096 1T 'write -P 11 1G 4k'
+    make big cluster_size=4096 64G 'write -P 11 1G 4k'
+    qemu-img create -q -f raw "$work/base.raw" 1M
     make backing cluster_size=4096,backing_file=base.raw,backing_fmt=raw 1M 'write -P 12 4k 4k'
     for alg in zlib zstd; do
         qemu-img create -q -f raw "$work/src.raw" 256k
@@ -61,7 +62,7 @@ qcow2_seeds() {
     qemu-img bitmap --add "$work/bitmap" b0 2>/dev/null || true
     make datafile cluster_size=4096,data_file=data.raw,data_file_raw=on 1M 'write -P 17 0 4k'
     qemu-img create -q -f $q --object secret,id=s0,data=fuzz \
-        -o cluster_size=4096,encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=1 \
+        -o cluster_size=4096,encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=1,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.cipher-alg=aes-128 \
         "$work/luks" 1M
     for f in c512 c4k r64 v2 c64k extl2 lazy prealloc big backing comp-zlib comp-zstd snap bitmap datafile luks; do
         [ -f "$work/$f" ] && [ "$(stat -c %s "$work/$f")" -le $((1 << 20)) ] && cp "$work/$f" "$out/seed-$f"
@@ -88,9 +89,9 @@ luks_seeds() {
     }
     luks luks1 $((4096 + 128000)) --type luks1 --hash sha256 --cipher aes-xts-plain64 --key-size 256 --pbkdf-force-iterations 1000
     luks luks1cbc $((4096 + 64000)) --type luks1 --hash sha1 --cipher aes-cbc-essiv:sha256 --key-size 128 --pbkdf-force-iterations 1000
-    luks luks2 $((32768 + 131072)) --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 16k
-    luks luks2argon $((32768 + 131072)) --type luks2 --pbkdf argon2id --pbkdf-force-iterations 4 --pbkdf-memory 32 --pbkdf-parallel 1 --luks2-metadata-size 16k
-    luks luks2s4k $((32768 + 131072)) --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --sector-size 4096 --luks2-metadata-size 16k
+    luks luks2 $((32768 + 131072)) --type luks2 --key-size 256 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 16k
+    luks luks2argon $((32768 + 131072)) --type luks2 --key-size 256 --pbkdf argon2id --pbkdf-force-iterations 4 --pbkdf-memory 32 --pbkdf-parallel 1 --luks2-metadata-size 16k
+    luks luks2s4k $((32768 + 131072)) --type luks2 --key-size 256 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --sector-size 4096 --luks2-metadata-size 16k
     if [ -f "$work/luks2.img" ]; then
         { printf '\x04'; dd if="$work/luks2.img" bs=1 skip=4096 count=12288 2>/dev/null | tr -d '\0'; } >"$out/seed-json"
     fi
