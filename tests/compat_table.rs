@@ -276,6 +276,26 @@ const CASES: &[Case] = &[
     Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", "driver=qcow2,file.filename=lov.qcow2,backing.key-secret=s0", "out.raw"], prep: &[&["create", "-q", "-f", "qcow2", "-b", "l.luks", "-F", "luks", "lov.qcow2"]], outputs: &["out.raw"], ..C },
     Case { args: &["create", "-f", "qcow2", "-b", "l.luks", "-F", "luks", "ov.qcow2"], outputs: &["ov.qcow2"], ..C },
     Case { args: &["convert", "--image-opts", "driver=luks,key-secret=s9,file.filename=l.luks", "out.raw"], ..C },
+    // --- external data files ---------------------------------------------------------------------
+    Case { args: &["create", "-f", "qcow2", "-o", "data_file=d.raw", "x.qcow2", "4M"], outputs: &["x.qcow2", "d.raw"], post: &[&["info", "--output=json", "x.qcow2"], &["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "data_file=d.raw,data_file_raw=on", "x.qcow2", "4M"], outputs: &["x.qcow2", "d.raw"], post: &[&["info", "--output=json", "x.qcow2"], &["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "data_file=d.raw,preallocation=full", "x.qcow2", "4M"], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "data_file_raw=on", "x.qcow2", "4M"], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "data_file=d.raw,compat=0.10", "x.qcow2", "4M"], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "data_file=d.raw,data_file_raw=on", "-b", "raw.img", "-F", "raw", "x.qcow2"], ..C },
+    Case { args: &["convert", "-O", "qcow2", "-o", "data_file=d.raw", "q.qcow2", "x.qcow2"], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"], &["compare", "x.qcow2", "q.qcow2"]], ..C },
+    Case { args: &["convert", "-n", "-O", "qcow2", "raw.img", "x.qcow2"], prep: &[DATA_FILE_IMAGE], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["convert", "-n", "-O", "qcow2", "raw.img", "x.qcow2"], prep: &[DATA_FILE_RAW_IMAGE], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["resize", "x.qcow2", "+1M"], prep: &[DATA_FILE_FROM_Q], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["resize", "--preallocation=full", "x.qcow2", "+1M"], prep: &[DATA_FILE_RAW_IMAGE], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["resize", "--shrink", "x.qcow2", "1M"], prep: &[DATA_FILE_FROM_Q], outputs: &["x.qcow2", "d.raw"], post: &[&["map", "--output=json", "x.qcow2"], &["check", "x.qcow2"]], ..C },
+    Case { args: &["check", "x.qcow2"], prep: &[DATA_FILE_FROM_Q], ..C },
+    Case { args: &["check", "--output=json", "x.qcow2"], prep: &[DATA_FILE_FROM_Q], stdout: Out::Json, ..C },
+    Case { args: &["check", "-r", "all", "x.qcow2"], prep: &[DATA_FILE_FROM_Q], outputs: &["x.qcow2"], ..C },
+    Case { args: &["snapshot", "-c", "s1", "x.qcow2"], prep: &[DATA_FILE_FROM_Q], ..C },
+    Case { args: &["amend", "-o", "compat=0.10", "x.qcow2"], prep: &[DATA_FILE_FROM_Q], ..C },
+    Case { args: &["commit", "x.qcow2"], prep: &[DATA_FILE_IMAGE], ..C },
+    Case { args: &["dd", "-O", "qcow2", "if=raw.img", "of=x.qcow2", "bs=64k", "count=4"], prep: &[DATA_FILE_FROM_Q], outputs: &["x.qcow2"], ..C },
     // --- progress output, and more options ---------------------------------------------------------
     Case { args: &["compare", "-p", "top.qcow2", "top.qcow2"], ..C },
     Case { args: &["commit", "-p", "top.qcow2"], outputs: &["base.qcow2"], ..C },
@@ -352,6 +372,11 @@ const CASES: &[Case] = &[
 ];
 
 const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
+/// An empty 8 MiB qcow2 image keeping its data in d.raw, without and with data_file_raw.
+const DATA_FILE_IMAGE: &[&str] = &["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "x.qcow2", "8M"];
+const DATA_FILE_RAW_IMAGE: &[&str] = &["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw,data_file_raw=on", "x.qcow2", "8M"];
+/// q.qcow2 with its data in d.raw.
+const DATA_FILE_FROM_Q: &[&str] = &["convert", "-O", "qcow2", "-o", "data_file=d.raw", "q.qcow2", "x.qcow2"];
 /// q.qcow2 with extended L2 entries (32 subclusters per cluster).
 const EXTL2_FROM_Q: &[&str] = &["convert", "-O", "qcow2", "-o", "extended_l2=on", "q.qcow2", "x.qcow2"];
 /// Images whose clusters are all allocated: over holes of the file (QEMU guesses metadata

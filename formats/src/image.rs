@@ -258,6 +258,16 @@ const QCOW2_OPTIONS: &[OptionDesc] = &[
         help: "Compression method used for image cluster compression",
     },
     OptionDesc {
+        name: "data_file",
+        kind: "str",
+        help: "File name of an external data file",
+    },
+    OptionDesc {
+        name: "data_file_raw",
+        kind: "bool (on/off)",
+        help: "The external data file must stay valid as a raw image",
+    },
+    OptionDesc {
         name: "encrypt.cipher-alg",
         kind: "str",
         help: "Name of encryption cipher algorithm",
@@ -390,6 +400,8 @@ impl CreateOptions {
                 "lazy_refcounts" => qcow.lazy_refcounts = parse_bool(key, value)?,
                 "extended_l2" => qcow.extended_l2 = parse_bool(key, value)?,
                 "backing_file" => qcow.backing_file = Some(value.clone()),
+                "data_file" => qcow.data_file = Some(value.clone()),
+                "data_file_raw" => qcow.data_file_raw = parse_bool(key, value)?,
                 "compression_type" => {
                     qcow.compression_type = match value.as_str() {
                         "zlib" => CompressionType::Zlib,

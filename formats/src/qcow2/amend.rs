@@ -50,6 +50,9 @@ pub fn rewrite_header(path: &Path, changes: &HeaderChanges) -> Result<()> {
             }
         }
         Some(2) if h.version == 3 => {
+            if h.incompatible_features & incompat::DATA_FILE != 0 {
+                return unsupported("Cannot downgrade an image with a data file");
+            }
             if h.incompatible_features != 0 || h.refcount_order != 4 {
                 return unsupported(
                     "cannot downgrade to compat=0.10: the image uses version 3 features",
@@ -131,7 +134,7 @@ fn expand_zero_clusters(path: &Path, has_backing: bool) -> Result<()> {
     while off < size {
         let e = img.extent(off, size - off)?;
         if e.kind == ExtentKind::Zero && e.host_offset.is_none() && !has_backing {
-            img.discard(off, e.length)?;
+            img.unallocate(off, off + e.length)?;
         } else if e.kind == ExtentKind::Zero {
             let mut at = off;
             while at < off + e.length {

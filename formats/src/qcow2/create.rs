@@ -44,6 +44,12 @@ pub struct CreateOptions {
     /// options). `key_secret` names the secret object; the caller resolves it and stores the
     /// passphrase in `passphrase`, as for [`crate::CreateOptions::Luks`].
     pub encrypt: Option<LuksCreateOptions>,
+    /// An external data file for the guest data (`data_file`): its name as stored in the image,
+    /// resolved like a backing file name; the file is created (or replaced) with the image.
+    pub data_file: Option<String>,
+    /// The data file stays a valid raw image on its own (`data_file_raw`); implies metadata
+    /// preallocation, as in QEMU.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -61,6 +67,8 @@ impl Default for CreateOptions {
             compression_type: CompressionType::Zlib,
             extended_l2: false,
             encrypt: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -102,6 +110,19 @@ impl CreateOptions {
         if self.version < 3 && self.compression_type != CompressionType::Zlib {
             return Err(Error::argument(
                 "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::argument("data-file-raw requires data-file"));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::argument(
+                "Backing file and data-file-raw cannot be used at the same time",
+            ));
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return Err(Error::argument(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
             ));
         }
         if self.size.is_some_and(|s| s % 512 != 0) {
@@ -157,10 +178,11 @@ fn layout(opts: &CreateOptions, size: u64, crypto_bytes: u64) -> Result<Layout> 
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
     let prealloc = opts.preallocation != Preallocation::Off;
-    let (l2_count, data_clusters) = if prealloc {
-        (l1_entries, size.div_ceil(cs))
-    } else {
-        (0, 0)
+    let (l2_count, data_clusters) = match (prealloc, &opts.data_file) {
+        (false, _) => (0, 0),
+        // The data clusters are those of the data file.
+        (true, Some(_)) => (l1_entries, 0),
+        (true, None) => (l1_entries, size.div_ceil(cs)),
     };
     let fixed = 1 + l1_clusters + l2_count + data_clusters + crypto_clusters;
     let (rt, rb) = super::refcount::self_covering(fixed, cs, u64::from(opts.refcount_bits));
@@ -233,6 +255,15 @@ fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
 /// Creates a qcow2 image at `path` (an existing file is replaced).
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
+    let mut raw_prealloc;
+    let opts = if opts.data_file_raw && opts.preallocation == Preallocation::Off {
+        // The data file must read like the image: every cluster is mapped to it (QEMU).
+        raw_prealloc = opts.clone();
+        raw_prealloc.preallocation = Preallocation::Metadata;
+        &raw_prealloc
+    } else {
+        opts
+    };
     let crypto_bytes = match &opts.encrypt {
         Some(e) => crypt::check_create(e)?,
         None => 0,
@@ -271,13 +302,21 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             header::incompat::EXTL2
         } else {
             0
+        } | if opts.data_file.is_some() {
+            header::incompat::DATA_FILE
+        } else {
+            0
         },
         compatible_features: if opts.lazy_refcounts {
             header::compat::LAZY_REFCOUNTS
         } else {
             0
         },
-        autoclear_features: 0,
+        autoclear_features: if opts.data_file_raw {
+            header::autoclear::DATA_FILE_RAW
+        } else {
+            0
+        },
         refcount_order: opts.refcount_bits.trailing_zeros(),
         header_length: if v3 {
             header::V3_HEADER_LEN
@@ -293,6 +332,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 kind: header::ext::BACKING_FORMAT,
                 data: f.as_bytes().to_vec(),
             })
+            .chain(opts.data_file.iter().map(|name| Extension {
+                kind: header::ext::DATA_FILE,
+                data: name.as_bytes().to_vec(),
+            }))
             .chain(crypto_area.map(|a| Extension {
                 kind: header::ext::CRYPTO,
                 data: a.encode(),
@@ -305,10 +348,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     cluster0.resize(cs as usize, 0);
     file.write_at(&cluster0, 0)?;
 
-    // Refcount table and blocks: clusters 0..total have refcount 1.
-    let table: Vec<u8> = (0..lay.refblock_count)
+    // Refcount table and blocks: clusters 0..total have refcount 1. The table is written whole,
+    // as QEMU writes it (what the file allocates feeds QEMU's metadata preallocation guess).
+    let mut table: Vec<u8> = (0..lay.refblock_count)
         .flat_map(|i| ((lay.refblocks + i) * cs).to_be_bytes())
         .collect();
+    table.resize((lay.reftable_clusters * cs) as usize, 0);
     file.write_at(&table, lay.reftable * cs)?;
     let per_block = cs * 8 / u64::from(opts.refcount_bits);
     let order = opts.refcount_bits.trailing_zeros();
@@ -341,10 +386,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         let bitmap = opts.extended_l2.then_some(0u64);
         let table: Vec<u8> = (first..first + l2_entries)
             .flat_map(|c| {
-                let e = if c < lay.data_clusters {
-                    ((lay.data + c) * cs) | COPIED
-                } else {
-                    0
+                let e = match &opts.data_file {
+                    // Guest cluster c sits at the same offset of the data file.
+                    Some(_) if c * cs < size => (c * cs) | COPIED,
+                    None if c < lay.data_clusters => ((lay.data + c) * cs) | COPIED,
+                    _ => 0,
                 };
                 std::iter::once(e).chain(bitmap).flat_map(u64::to_be_bytes)
             })
@@ -368,9 +414,32 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             file.set_len(lay.total * cs)?;
         }
     }
+    if let Some(name) = &opts.data_file {
+        create_data_file(path, name, size, opts.preallocation)?;
+    }
     if let (Some(area), Some(e)) = (crypto_area, &opts.encrypt) {
         // The header clusters read as zero (a fresh file) before the header is written.
         Crypt::format(&file, area, e)?;
+    }
+    file.sync()
+}
+
+/// Creates (or replaces) the external data file `name` of the new image at `path`: `size` bytes,
+/// sparse unless `prealloc` reserves (falloc) or writes (full) them. A sparse one gets its first
+/// block written, as QEMU's file driver does for new files (`allocate_first_block`), so that
+/// `map` sees the same allocation.
+fn create_data_file(path: &Path, name: &str, size: u64, prealloc: Preallocation) -> Result<()> {
+    let data_path = crate::chain::full_name(path, name);
+    let file = HostFile::create(Path::new(&data_path))?;
+    file.set_len(size)?;
+    match prealloc {
+        Preallocation::Falloc => file.allocate(0, size)?,
+        Preallocation::Full => file.write_zero_bytes(0, size)?,
+        Preallocation::Off | Preallocation::Metadata if size > 0 => {
+            let first_block = if size < 4096 { 512 } else { 4096 };
+            file.write_at(&vec![0u8; first_block.min(size as usize)], 0)?;
+        }
+        Preallocation::Off | Preallocation::Metadata => {}
     }
     file.sync()
 }

@@ -403,7 +403,7 @@ impl Qcow2 {
                 "the image was opened for its metadata only: its external data file is not open",
             ));
         }
-        let file = self.data_file.as_ref().unwrap_or(&self.file);
+        let file = self.data_io();
         let Some(c) = &self.crypt else {
             return file.read_at(buf, host);
         };
@@ -426,7 +426,7 @@ impl Qcow2 {
     /// partly are read, patched and rewritten: the caller holds the write guard.
     pub(super) fn write_data(&self, buf: &[u8], host: u64) -> Result<()> {
         let Some(c) = &self.crypt else {
-            return self.file.write_at(buf, host);
+            return self.data_io().write_at(buf, host);
         };
         sector_pieces(host, buf.len(), |pos, range, whole| {
             if whole {
@@ -435,7 +435,7 @@ impl Qcow2 {
                     for piece in buf[range].chunks(CHUNK) {
                         let chunk = &mut scratch[..piece.len()];
                         c.encrypt_from(piece, chunk, at)?;
-                        self.file.write_at(chunk, at)?;
+                        self.data_io().write_at(chunk, at)?;
                         at += piece.len() as u64;
                     }
                     Ok(())
@@ -446,13 +446,13 @@ impl Qcow2 {
             self.read_data(&mut sector, start)?;
             sector[at..at + range.len()].copy_from_slice(&buf[range]);
             c.encrypt(&mut sector, start)?;
-            self.file.write_at(&sector, start)
+            self.data_io().write_at(&sector, start)
         })
     }
 
     /// [`Qcow2::write_data`] after the metadata overlap check (see `write_checked`).
     pub(super) fn write_data_checked(&self, meta: &mut Meta, buf: &[u8], host: u64) -> Result<()> {
-        if let Some(hit) = self.metadata.overlap(host, buf.len() as u64) {
+        if let Some(hit) = self.data_overlap(host, buf.len() as u64) {
             return Err(self.refuse_overlap(meta, hit));
         }
         self.write_data(buf, host)
@@ -465,7 +465,7 @@ impl Qcow2 {
             debug_assert!(host % SECTOR == 0 && buf.len() as u64 % SECTOR == 0);
             c.encrypt(buf, host)?;
         }
-        self.file.write_at(buf, host)
+        self.data_io().write_at(buf, host)
     }
 
     /// Fails when compressed clusters are asked of an encrypted image.

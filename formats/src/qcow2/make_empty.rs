@@ -29,10 +29,16 @@ impl Qcow2 {
     /// `full_discard`): reads go to the backing file (or read zero without one), and host
     /// clusters no longer referenced are freed.
     pub fn unallocate_all(&self) -> Result<()> {
+        self.unallocate(0, self.geo.size)
+    }
+
+    /// [`Qcow2::unallocate_all`] for the clusters of guest bytes `start..end` (`start` cluster
+    /// aligned; the cluster holding `end` is included).
+    pub(super) fn unallocate(&self, start: u64, end: u64) -> Result<()> {
         self.check_writable()?;
         let geo = self.geo;
-        let end = geo.size.next_multiple_of(geo.cluster_size());
-        let mut cur = 0;
+        let end = end.next_multiple_of(geo.cluster_size());
+        let mut cur = start;
         while cur < end {
             let span_end = ((cur | (geo.l2_span() - 1)) + 1).min(end);
             if self.l2_offset(geo.l1_index(cur))?.is_some() {

@@ -29,6 +29,7 @@ pub mod check;
 pub mod compressed;
 mod create;
 mod crypt;
+mod data_file;
 pub mod entry;
 pub mod header;
 mod l2_cache;
@@ -50,11 +51,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use compressed::CompressionType;
 pub use create::{create, CreateOptions};
-pub use make_empty::make_empty;
 use crypt::Crypt;
 pub use crypt::{amend_encryption, amend_pairs, crypto_area, CryptoArea};
 use header::{crypt_method, incompat, Header};
 use l2_cache::L2Cache;
+pub use make_empty::make_empty;
 use mapping::Mapping;
 use overlap::MetadataClusters;
 use refcount::Refcounts;
@@ -353,7 +354,7 @@ impl Qcow2 {
         let data_file = if data_file_closed {
             None
         } else {
-            open_data_file(path, &header, policy)?
+            data_file::open_data_file(path, &header, policy, read_only)?
         };
         let bitmap_set = bitmaps::BitmapSet::load(&file, &header)?;
         let cache_tables = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
@@ -396,13 +397,17 @@ impl Qcow2 {
     }
 
     /// A writer that does not maintain the autoclear features must clear them (qcow2.rst);
-    /// vdisk maintains the bitmaps one (bitmaps/).
+    /// vdisk maintains the bitmaps one (bitmaps/) and the raw external data file one
+    /// (data_file.rs).
     fn clear_autoclear_bits(&self) -> Result<()> {
-        let keep = if self.bitmaps.lock().unwrap().is_empty() {
+        let mut keep = if self.bitmaps.lock().unwrap().is_empty() {
             0
         } else {
             header::autoclear::BITMAPS
         };
+        if self.data_file.is_some() {
+            keep |= header::autoclear::DATA_FILE_RAW;
+        }
         let mut meta = self.meta.lock().unwrap();
         if meta.header.autoclear_features & !keep != 0 {
             meta.header.autoclear_features &= keep;
@@ -452,28 +457,6 @@ enum Key<'a> {
     MetadataOnly,
 }
 
-/// Opens the external data file an image names (qcow2.rst, "External data file name"), resolved
-/// like a backing file name.
-fn open_data_file(
-    path: &Path,
-    h: &Header,
-    policy: chain::BackingPolicy,
-) -> Result<Option<HostFile>> {
-    if h.incompatible_features & incompat::DATA_FILE == 0 {
-        return Ok(None);
-    }
-    let Some(name) = h.extension(header::ext::DATA_FILE) else {
-        return Err(Error::invalid(
-            path,
-            "the external data file bit is set but the image names no data file",
-        ));
-    };
-    let name = String::from_utf8_lossy(name);
-    policy.check_data_file(path, &name)?;
-    let data_path = chain::resolve_backing(path, &name)?;
-    HostFile::open(&data_path, true).map(Some)
-}
-
 fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
     let known = incompat::DIRTY
         | incompat::CORRUPT
@@ -487,12 +470,6 @@ fn check_features(path: &Path, h: &Header, read_only: bool) -> Result<()> {
             "Unsupported subcluster size: {}",
             h.cluster_size() / u64::from(entry::SUBCLUSTERS)
         ));
-    }
-    if h.incompatible_features & incompat::DATA_FILE != 0 && !read_only {
-        return unsupported(
-            "writing to qcow2 images with an external data file is not supported yet; open it read-only"
-                .into(),
-        );
     }
     let has_bit = h.incompatible_features & incompat::COMPRESSION != 0;
     if has_bit && h.compression_type == 0 {
@@ -598,6 +575,7 @@ impl BlockDev for Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        self.sync_data_file()?;
         self.file.sync()
     }
 
@@ -650,6 +628,7 @@ impl BlockDev for Qcow2 {
 
     fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
         self.check_compression_allowed()?;
+        self.check_no_data_file()?;
         if data.len() as u64 != self.geo.cluster_size() {
             return Err(Error::argument(format!(
                 "compressed writes take whole clusters of {} bytes",
@@ -662,6 +641,7 @@ impl BlockDev for Qcow2 {
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
         self.check_compression_allowed()?;
+        self.check_no_data_file()?;
         let cs = self.geo.cluster_size();
         if offset % cs != 0 || compressed.len() as u64 >= cs {
             return Err(Error::argument(format!(

@@ -68,6 +68,7 @@ pub fn resize_under(
             ));
         }
         img.shrink(new_size)?;
+        img.resize_data_file(old_size, new_size, prealloc)?;
     } else if new_size > old_size {
         img.grow(new_size)?;
         let img = img.reopen(policy)?;
@@ -77,9 +78,16 @@ pub fn resize_under(
         if tail_end > old_size {
             img.write_zeroes(old_size, tail_end - old_size, ZeroFlags::default())?;
         }
-        if prealloc != Preallocation::Off {
-            img.preallocate(tail_end, new_size, prealloc)?;
+        // A raw external data file keeps every guest cluster mapped to it (QEMU preallocates
+        // the metadata of the new area).
+        let mapping = match prealloc {
+            Preallocation::Off if img.data_file_is_raw() => Preallocation::Metadata,
+            mode => mode,
+        };
+        if mapping != Preallocation::Off {
+            img.preallocate(tail_end, new_size, mapping)?;
         }
+        img.resize_data_file(old_size, new_size, prealloc)?;
         img.flush()?;
     }
     Ok(())
@@ -139,8 +147,10 @@ impl Qcow2 {
             let n = (span_end - cur) / cs;
             let mut meta = self.meta.lock().unwrap();
             let table_off = self.ensure_l2_table(&mut meta, self.geo.l1_index(cur))?;
-            let host = self.alloc_clusters(&mut meta, n)?;
+            let host = self.alloc_data_clusters(&mut meta, cur, n)?;
+            // An external data file is preallocated as a whole (`resize_data_file`).
             match mode {
+                _ if !self.data_shares_image_file() => {}
                 Preallocation::Falloc => self.file.allocate(host, n * cs)?,
                 Preallocation::Full => self.file.write_zero_bytes(host, n * cs)?,
                 _ => {

@@ -195,7 +195,7 @@ impl Qcow2 {
         };
         let host = match first_entry {
             ExtL2Entry::Standard { host: Some(h), .. } if in_place => h,
-            _ => self.alloc_clusters(meta, old.len() as u64)?,
+            _ => self.alloc_data_clusters(meta, first, old.len() as u64)?,
         };
 
         let mut new = Vec::with_capacity(old.len());
@@ -391,7 +391,7 @@ impl Qcow2 {
             }
             ExtL2Entry::Compressed(raw) => {
                 // Zeroing part of it: store it plainly first, then zero subclusters.
-                let host = self.alloc_clusters(meta, 1)?;
+                let host = self.alloc_data_clusters(meta, cstart, 1)?;
                 let whole = self.cluster_bytes(WholeCopy::Compressed(raw), cstart)?;
                 self.write_data_checked(meta, &whole, host)?;
                 let all = Bitmap {

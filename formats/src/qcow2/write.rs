@@ -144,7 +144,7 @@ impl Qcow2 {
                 return Ok(None);
             };
             let at = host + self.geo.in_cluster(offset);
-            match self.metadata.overlap(at, m.len) {
+            match self.data_overlap(at, m.len) {
                 None => {
                     self.write_data(&data[..m.len as usize], at)?;
                     return Ok(Some(m.len as usize));
@@ -186,8 +186,8 @@ impl Qcow2 {
         let old: Vec<L2Entry> = (0..n as usize)
             .map(|k| self.decode(&table, table_off, l2_start + k))
             .collect::<Result<_>>()?;
-        let host = self.alloc_clusters(&mut meta, n)?;
-        if let Some(hit) = self.metadata.overlap(host, n * cs) {
+        let host = self.alloc_data_clusters(&mut meta, first, n)?;
+        if let Some(hit) = self.data_overlap(host, n * cs) {
             return Err(self.refuse_overlap(&mut meta, hit));
         }
 
@@ -227,14 +227,14 @@ impl Qcow2 {
         let head = r.offset - r.first;
         if head > 0 {
             let buf = self.old_bytes(r.old[0], r.first, head)?;
-            self.file.write_at(&buf, r.host)?;
+            self.data_io().write_at(&buf, r.host)?;
         }
-        self.file
+        self.data_io()
             .write_at(&r.data[..(r.end - r.offset) as usize], r.host + head)?;
         let tail = r.last - r.end;
         if tail > 0 {
             let buf = self.old_bytes(r.old[r.old.len() - 1], r.end, tail)?;
-            self.file.write_at(&buf, r.host + (r.end - r.first))?;
+            self.data_io().write_at(&buf, r.host + (r.end - r.first))?;
         }
         Ok(())
     }
@@ -275,6 +275,10 @@ impl Qcow2 {
     /// Releases the references of entries an allocating write replaced. When that may free a
     /// cluster, in-flight reads through the old entries are waited for first.
     pub(super) fn release_replaced(&self, meta: &mut Meta, old: &[L2Entry]) -> Result<()> {
+        if self.has_data_file() {
+            // The new clusters sit where the old ones did (the guest offsets): nothing to give up.
+            return Ok(());
+        }
         let holds = |e: &L2Entry| matches!(e, L2Entry::Compressed(_)) || e.host_cluster().is_some();
         if !old.iter().any(holds) {
             return Ok(());
@@ -312,7 +316,7 @@ impl Qcow2 {
                 }
                 _ => {
                     if let Some(h) = e.host_cluster() {
-                        self.free_clusters(meta, h, 1)?;
+                        self.release_data_cluster(meta, h)?;
                     }
                 }
             }
@@ -380,9 +384,10 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Discard: whole clusters release their host clusters and become unallocated, or zero
-    /// clusters where a backing file would show through (version 3; version 2 cannot express that
-    /// and keeps those clusters). Partial clusters are left alone.
+    /// Discard: whole clusters release their host clusters and become zero clusters (version 3,
+    /// as QEMU's `discard_in_l2_slice`; clusters already reading zero without a host cluster are
+    /// left alone). Version 2 cannot express zero clusters: there they become unallocated where
+    /// no backing file shows through, and are kept otherwise. Partial clusters are left alone.
     pub(super) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
         let (start, end) = self.whole_units(offset, len);
         if self.geo.extended_l2 {
@@ -393,9 +398,9 @@ impl Qcow2 {
             let hidden = self.unallocated_reads_zero(guest);
             match old {
                 L2Entry::Unallocated if hidden => None,
-                L2Entry::Zero { host: None, .. } if !hidden => None,
-                _ if hidden => Some(0),
+                L2Entry::Zero { host: None, .. } => None,
                 _ if v3 => Some(ZERO),
+                _ if hidden => Some(0),
                 _ => None,
             }
         })
@@ -405,6 +410,7 @@ impl Qcow2 {
     /// (version 3; without `may_unmap` they keep their host cluster) or unallocated (version 2,
     /// where unallocated reads zero as there is no backing file).
     pub(super) fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.zero_raw_data_file(offset, len)?;
         let (start, end) = self.whole_units(offset, len);
         let v3 = self.geo.version >= 3;
         if start >= end || !v3 && self.backing.is_some() {
@@ -418,8 +424,9 @@ impl Qcow2 {
             let unmap = flags.may_unmap;
             return self.remap_subclusters(start, end, super::subcluster::Remap::Zero { unmap });
         }
+        // As QEMU's `zero_in_l2_slice`, version 3 marks even unallocated clusters zero.
         self.remap_clusters(start, end, |guest, old| match old {
-            L2Entry::Unallocated if self.unallocated_reads_zero(guest) => None,
+            L2Entry::Unallocated if !v3 && self.unallocated_reads_zero(guest) => None,
             L2Entry::Zero { host: None, .. } => None,
             L2Entry::Data { host, copied: true }
             | L2Entry::Zero {

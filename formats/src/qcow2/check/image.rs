@@ -35,6 +35,8 @@ pub(super) struct Image {
     pub cluster_bits: u32,
     /// L2 entries are 16 bytes: an entry and a subcluster bitmap.
     pub extended_l2: bool,
+    /// Guest data lives in an external data file, whose clusters are not refcounted.
+    pub data_file: bool,
     pub writable: bool,
     /// The active L1 table (QEMU's `s->l1_table`).
     pub l1: Vec<u64>,
@@ -79,6 +81,7 @@ impl Image {
             file,
             cluster_bits: header.cluster_bits,
             extended_l2: header.extended_l2(),
+            data_file: header.incompatible_features & header::incompat::DATA_FILE != 0,
             header,
             writable,
             l1,

@@ -117,6 +117,18 @@ pub(crate) fn cluster_type(entry: u64, extended_l2: bool) -> ClusterType {
     }
 }
 
+/// [`cluster_type`] of an L2 entry of an image that may have an external data file, where
+/// host offset 0 is a data cluster when the entry has COPIED (qcow2.rst; QEMU's
+/// `qcow2_get_cluster_type`).
+pub(super) fn cluster_type_in(entry: u64, extended_l2: bool, data_file: bool) -> ClusterType {
+    match cluster_type(entry, extended_l2) {
+        ClusterType::Unallocated if data_file && entry & !ZERO == crate::qcow2::entry::COPIED => {
+            ClusterType::Normal
+        }
+        kind => kind,
+    }
+}
+
 /// Subcluster bitmap (second word of an extended L2 entry): allocated subclusters...
 pub(super) const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 /// ...and subclusters that read as zero.

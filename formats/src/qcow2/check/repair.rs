@@ -5,7 +5,7 @@
 
 use super::image::RefError;
 use super::refs::RefArray;
-use super::{cluster_type, Checker, ClusterType, Counts, Fail, Fix, Overlap};
+use super::{cluster_type_in, Checker, ClusterType, Counts, Fail, Fix, Overlap};
 use crate::qcow2::entry::{COPIED, OFFSET_MASK};
 
 impl Checker {
@@ -315,13 +315,19 @@ impl Checker {
             for (entry, _) in table.iter_mut() {
                 let old = *entry;
                 if !matches!(
-                    cluster_type(old, self.img.extended_l2),
+                    cluster_type_in(old, self.img.extended_l2, self.img.data_file),
                     ClusterType::Normal | ClusterType::ZeroAlloc
                 ) {
                     continue;
                 }
-                let Ok(refcount) = self.disk_refcount((old & OFFSET_MASK) >> cb) else {
-                    continue;
+                // Data in an external data file is not refcounted: one reference (QEMU's view).
+                let refcount = if self.img.data_file {
+                    1
+                } else {
+                    let Ok(refcount) = self.disk_refcount((old & OFFSET_MASK) >> cb) else {
+                        continue;
+                    };
+                    refcount
                 };
                 if (refcount == 1) != (old & COPIED != 0) {
                     res.corruptions += 1;

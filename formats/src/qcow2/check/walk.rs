@@ -5,7 +5,7 @@
 use super::image::REFT_RESERVED;
 use super::refs::RefArray;
 use super::{
-    c_hex, cluster_type, Checker, ClusterType, Counts, Fail, Fix, Frag, BITMAP_ALL_ALLOC,
+    c_hex, cluster_type_in, Checker, ClusterType, Counts, Fail, Fix, Frag, BITMAP_ALL_ALLOC,
     BITMAP_ALL_ZEROES,
 };
 use crate::qcow2::compressed::Descriptor;
@@ -196,7 +196,7 @@ impl Checker {
         };
         let mut next_contiguous = 0u64;
         for (i, (mut entry, bitmap)) in table.into_iter().enumerate() {
-            let kind = cluster_type(entry, extended);
+            let kind = cluster_type_in(entry, extended, self.img.data_file);
             if kind != ClusterType::Compressed && entry & L2_RESERVED != 0 {
                 self.say(format!(
                     "ERROR found l2 entry with reserved bits set: {entry:x}"
@@ -270,7 +270,10 @@ impl Checker {
                         }
                         next_contiguous = offset + cs;
                     }
-                    self.inc(res, arr, offset, cs)?;
+                    // Clusters of an external data file have no refcount.
+                    if !self.img.data_file {
+                        self.inc(res, arr, offset, cs)?;
+                    }
                 }
                 ClusterType::ZeroPlain => {}
                 ClusterType::Unallocated => {

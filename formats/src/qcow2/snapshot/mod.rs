@@ -50,6 +50,7 @@ pub fn create(path: &Path, name: &str) -> Result<SnapshotInfo> {
 /// [`create`] in an image already open for writing (an encrypted one unlocked, as qemu-img
 /// insists, though a snapshot touches no guest data).
 pub fn create_in(img: &Qcow2, name: &str) -> Result<SnapshotInfo> {
+    img.check_no_data_file()?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
