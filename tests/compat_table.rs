@@ -211,6 +211,7 @@ const CASES: &[Case] = &[
     Case { args: &["commit", "-b", "nope", "top.qcow2"], ..C },
     Case { args: &["commit", "q.qcow2"], ..C },
     Case { args: &["commit", "top.qcow2"], prep: &[&["snapshot", "-c", "s1", "top.qcow2"], &["convert", "-O", "raw", "top.qcow2", "before.raw"]], outputs: &["top.qcow2", "base.qcow2"], post: &[&["map", "--output=json", "top.qcow2"], &["check", "top.qcow2"], &["check", "base.qcow2"], &["compare", "top.qcow2", "before.raw"], &["convert", "-l", "s1", "-O", "raw", "top.qcow2", "s1.raw"], &["compare", "s1.raw", "before.raw"]], ..C },
+    Case { args: &["commit", "xt.qcow2"], prep: &[&["convert", "-O", "qcow2", "-o", "extended_l2=on", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "xt.qcow2"], &["snapshot", "-c", "s1", "xt.qcow2"]], outputs: &["xt.qcow2", "base.qcow2"], post: &[&["map", "--output=json", "xt.qcow2"], &["check", "xt.qcow2"], &["check", "base.qcow2"], &["compare", "xt.qcow2", "top.qcow2"]], ..C },
     Case { args: &["commit", "top.qcow2"], prep: &[&["bitmap", "--add", "top.qcow2", "b0"]], outputs: &["top.qcow2", "base.qcow2"], post: &[&["map", "--output=json", "top.qcow2"], &["check", "top.qcow2"], &["info", "--output=json", "top.qcow2"]], ..C },
     // --- rebase -----------------------------------------------------------------------------------------
     Case { args: &["rebase", "-b", "newbase.qcow2", "-F", "qcow2", "top.qcow2"], outputs: &["top.qcow2"], post: &[&["info", "top.qcow2"], &["check", "top.qcow2"]], ..C },
