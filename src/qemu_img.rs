@@ -13,8 +13,8 @@ pub const QEMU_VERSION: &str = "10.0.2";
 /// The commands qemu-img has (and vdisk implements); vdisk's others (serve, boot ...) still work
 /// under the qemu-img name but are not listed.
 const QEMU_IMG_COMMANDS: &[&str] = &[
-    "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info", "map",
-    "measure", "rebase", "resize", "snapshot",
+    "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info",
+    "map", "measure", "rebase", "resize", "snapshot",
 ];
 
 /// Handles the arguments qemu-img reads before the command name. `None` means a command follows
