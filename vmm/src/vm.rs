@@ -129,6 +129,9 @@ impl Vm {
         let vm_fd = kvm
             .create_vm()
             .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+        // Guest memory first: registered before the interrupt controllers exist, the slot
+        // takes 0.1 ms here; after them, waiting for KVM's SRCU grace period took 4 to 12 ms.
+        let mem = create_memory(&vm_fd, cfg.memory)?;
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
@@ -141,7 +144,6 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
-        let mem = create_memory(&vm_fd, cfg.memory)?;
         let exit = Arc::new(VmExit::new()?);
 
         // COM1 and the i8042.
