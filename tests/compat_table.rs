@@ -374,12 +374,46 @@ const CASES: &[Case] = &[
 
 const INFO_JSON_TOP: &[&str] = &["info", "--output=json", "top.qcow2"];
 /// An empty 8 MiB qcow2 image keeping its data in d.raw, without and with data_file_raw.
-const DATA_FILE_IMAGE: &[&str] = &["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "x.qcow2", "8M"];
-const DATA_FILE_RAW_IMAGE: &[&str] = &["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw,data_file_raw=on", "x.qcow2", "8M"];
+const DATA_FILE_IMAGE: &[&str] = &[
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "-o",
+    "data_file=d.raw",
+    "x.qcow2",
+    "8M",
+];
+const DATA_FILE_RAW_IMAGE: &[&str] = &[
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "-o",
+    "data_file=d.raw,data_file_raw=on",
+    "x.qcow2",
+    "8M",
+];
 /// q.qcow2 with its data in d.raw.
-const DATA_FILE_FROM_Q: &[&str] = &["convert", "-O", "qcow2", "-o", "data_file=d.raw", "q.qcow2", "x.qcow2"];
+const DATA_FILE_FROM_Q: &[&str] = &[
+    "convert",
+    "-O",
+    "qcow2",
+    "-o",
+    "data_file=d.raw",
+    "q.qcow2",
+    "x.qcow2",
+];
 /// q.qcow2 with extended L2 entries (32 subclusters per cluster).
-const EXTL2_FROM_Q: &[&str] = &["convert", "-O", "qcow2", "-o", "extended_l2=on", "q.qcow2", "x.qcow2"];
+const EXTL2_FROM_Q: &[&str] = &[
+    "convert",
+    "-O",
+    "qcow2",
+    "-o",
+    "extended_l2=on",
+    "q.qcow2",
+    "x.qcow2",
+];
 /// Images whose clusters are all allocated: over holes of the file (QEMU guesses metadata
 /// preallocation and reports them as zero), and over allocated, unwritten space (data).
 const PREALLOC_METADATA: &[&str] = &[
@@ -408,8 +442,21 @@ const ENC_QCOW2_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=
 const ENC_OVERLAY: &str = "driver=qcow2,file.filename=encov.qcow2,backing.encrypt.key-secret=s0";
 /// The same as a json: file name with the backing file spelled out, as qemu-img takes it.
 const ENC_OVERLAY_JSON: &str = r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "encov.qcow2"}, "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "enc.qcow2"}, "encrypt": {"key-secret": "s0"}}}"#;
-const ENC_CHECK: &[&str] = &["check", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
-const ENC_LIST: &[&str] = &["snapshot", "-l", "--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE];
+const ENC_CHECK: &[&str] = &[
+    "check",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    ENC_QCOW2_IMAGE,
+];
+const ENC_LIST: &[&str] = &[
+    "snapshot",
+    "-l",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    ENC_QCOW2_IMAGE,
+];
 const ENC_IS_RAW_IMG: &[&str] = &[
     "compare",
     "--object",
@@ -496,15 +543,47 @@ fn make_fixture(dir: &Path) {
     // enc.qcow2 holds raw.img too, in qcow2 with encrypt.format=luks; its snapshot s1 keeps
     // that, newer data follows.
     qemu(dir, ENC_QCOW2_FROM_RAW);
-    qemu(dir, &["snapshot", "--object", "secret,id=s0,data=pw", "-c", "s1", "--image-opts", ENC_QCOW2_IMAGE]);
+    qemu(
+        dir,
+        &[
+            "snapshot",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-c",
+            "s1",
+            "--image-opts",
+            ENC_QCOW2_IMAGE,
+        ],
+    );
     let out = Command::new("qemu-io")
-        .args(["--object", "secret,id=s0,data=pw", "--image-opts", ENC_QCOW2_IMAGE])
+        .args([
+            "--object",
+            "secret,id=s0,data=pw",
+            "--image-opts",
+            ENC_QCOW2_IMAGE,
+        ])
         .args(["-c", "write -P 2 0 128k"])
         .current_dir(dir)
         .output()
         .expect("qemu-io runs");
-    assert!(out.status.success() && out.stdout.starts_with(b"wrote"), "{out:?}");
-    qemu(dir, &["create", "-q", "-f", "qcow2", "-b", "enc.qcow2", "-F", "qcow2", "encov.qcow2"]);
+    assert!(
+        out.status.success() && out.stdout.starts_with(b"wrote"),
+        "{out:?}"
+    );
+    qemu(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "enc.qcow2",
+            "-F",
+            "qcow2",
+            "encov.qcow2",
+        ],
+    );
     // bm.qcow2 has an enabled bitmap b0 with the bits of its writes, and a disabled one, off.
     qemu(dir, &["create", "-q", "-f", "qcow2", "bm.qcow2", "8M"]);
     qemu(dir, &["bitmap", "--add", "bm.qcow2", "b0"]);
