@@ -28,19 +28,6 @@ fn have_all(tools: &[&str]) -> bool {
     tools.iter().all(|t| have(t))
 }
 
-/// Runs a command to completion and returns what it did.
-fn run(cmd: &mut Command) -> Outcome {
-    let out = cmd
-        .env("LC_ALL", "C")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// A server process, ended with SIGTERM (and waited for) when dropped.
 struct Server {
     child: Child,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use luks_common::*;
-use vdisk_formats::{BlockDev, ErrorKind, Passphrase, Preallocation};
+use vdisk_formats::{ErrorKind, Passphrase};
 
 fn resize(path: &Path, size: u64, shrink: bool, pw: &str) -> vdisk_formats::Result<()> {
     let pw = Passphrase::from(pw);

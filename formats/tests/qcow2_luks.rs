@@ -78,17 +78,7 @@ fn qemu_read_all(path: &Path) -> Vec<u8> {
 
 /// Runs qemu-io commands on an encrypted image.
 fn qemu_io(path: &Path, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(qemu_opts(path, PW));
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = run_ok(&mut cmd);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !text.contains("failed") && !text.contains("error"),
-        "qemu-io {cmds:?}: {text}"
-    );
+    luks_common::qemu_io_with(qemu_opts(path, PW), cmds);
 }
 
 /// `qemu-img check` (with the secret) must find nothing at all.

@@ -55,7 +55,8 @@ fn without_node_numbers(text: &str) -> String {
     out
 }
 
-fn run(cmd: &mut Command) -> Outcome {
+/// Runs a command to completion (in the C locale) and returns what it did.
+pub fn run(cmd: &mut Command) -> Outcome {
     let out = cmd
         .env("LC_ALL", "C")
         .output()

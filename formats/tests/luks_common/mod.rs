@@ -58,8 +58,14 @@ pub fn qemu_read_all(path: &Path, pw: &str) -> Vec<u8> {
 
 /// Runs qemu-io commands on a LUKS image.
 pub fn qemu_io(path: &Path, pw: &str, cmds: &[&str]) {
+    qemu_io_with(qemu_luks_args(path, pw), cmds);
+}
+
+/// Runs qemu-io commands on the image `image_args` name (`--object ... --image-opts ...`); none
+/// may fail.
+pub fn qemu_io_with(image_args: Vec<String>, cmds: &[&str]) {
     let mut cmd = Command::new("qemu-io");
-    cmd.args(qemu_luks_args(path, pw));
+    cmd.args(image_args);
     for c in cmds {
         cmd.args(["-c", c]);
     }
