@@ -137,6 +137,10 @@ impl BlockDev for Tuned {
         self.after_write()
     }
 
+    fn parallel_writes(&self) -> bool {
+        self.inner.parallel_writes()
+    }
+
     fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
         let mut e = self.inner.extent(offset + self.policy.offset, len)?;
         e.offset -= self.policy.offset;

@@ -113,6 +113,14 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// when finding the end would need extra metadata I/O.
     fn extent(&self, offset: u64, len: u64) -> Result<Extent>;
 
+    /// Writes do CPU work worth spreading over threads (encryption) and may land in any order:
+    /// `convert` then lets every worker write its own chunks. False for plain files, where the
+    /// kernel serializes writes to one file anyway, and for qcow2, where the order of writes
+    /// decides where clusters are allocated.
+    fn parallel_writes(&self) -> bool {
+        false
+    }
+
     /// The cluster size when the format can store compressed clusters (`convert -c`).
     fn compressed_cluster_size(&self) -> Option<u64> {
         None

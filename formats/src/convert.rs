@@ -6,6 +6,13 @@
 //!      └ zero/unallocated ranges never read                          with `out_of_order`
 //! ```
 //!
+//! A target whose writes do CPU work ([`BlockDev::parallel_writes`]: LUKS encrypts) is written by
+//! the workers themselves, so that work runs on every worker; the writer then only keeps count.
+//! Other targets are written by the writer alone: compressed clusters are packed in the order
+//! they are written, a qcow2 target allocates clusters in write order (so the layout is the same
+//! whatever the thread count), and two threads writing one plain file only contend for it (LUKS
+//! → new raw file of 512 MiB: median 1.6 s with workers writing, 0.46 s with one writer).
+//!
 //! Work is cut into chunks aligned to `chunk_size` (a multiple of the target's cluster size when
 //! compressing); at most `2 × threads` chunks (at least 4) are in flight, so memory stays bounded
 //! whatever the image size.
@@ -148,6 +155,8 @@ pub fn convert(
     };
     let threads = opts.threads.max(1);
     let done_bytes = AtomicU64::new(0);
+    let workers_write = !opts.compress && target.parallel_writes();
+    let out_of_order = opts.out_of_order || workers_write;
 
     // Chunks in flight (queued, being worked on, or waiting for their turn to be written) are
     // bounded by tokens: the planner takes one per job, the writer returns it once written.
@@ -182,7 +191,10 @@ pub fn convert(
                 if failed.load(Ordering::Relaxed) {
                     continue;
                 }
-                let r = work(sources, target, opts, cluster, pool, job);
+                let mut r = work(sources, target, opts, cluster, pool, job);
+                if workers_write {
+                    r = r.and_then(|mut d| write_pieces(target, pool, &mut d).map(|()| d));
+                }
                 if done_tx.send(r).is_err() {
                     return;
                 }
@@ -215,17 +227,15 @@ pub fn convert(
             }
             pending.insert(d.seq, d);
             loop {
-                let ready = if opts.out_of_order {
+                let ready = if out_of_order {
                     pending.pop_first().map(|(_, d)| d)
                 } else {
                     pending.remove(&next)
                 };
-                let Some(d) = ready else { break };
+                let Some(mut d) = ready else { break };
                 next += 1;
                 let _ = token_tx.send(());
-                let written = write_pieces(target, &d);
-                pool.give(d.buf);
-                if let Err(e) = written {
+                if let Err(e) = write_pieces(target, &pool, &mut d) {
                     failed.store(true, Ordering::Relaxed);
                     result = Err(e);
                     break;
@@ -445,10 +455,20 @@ fn work(
     done(pieces, data)
 }
 
-fn write_pieces(target: &Arc<dyn BlockDev>, done: &Done) -> Result<()> {
-    for p in &done.pieces {
+/// Writes what a worker decided for a chunk, then gives its buffer back to the pool; nothing is
+/// left to write afterwards, so a second call does nothing.
+fn write_pieces(target: &Arc<dyn BlockDev>, pool: &BufPool, done: &mut Done) -> Result<()> {
+    let pieces = std::mem::take(&mut done.pieces);
+    let buf = std::mem::take(&mut done.buf);
+    let written = write_all(target, &pieces, &buf);
+    pool.give(buf);
+    written
+}
+
+fn write_all(target: &Arc<dyn BlockDev>, pieces: &[Piece], buf: &[u8]) -> Result<()> {
+    for p in pieces {
         match p {
-            Piece::Data(off, range) => target.write_at(&done.buf[range.clone()], *off)?,
+            Piece::Data(off, range) => target.write_at(&buf[range.clone()], *off)?,
             Piece::Zero(off, len) => target.write_zeroes(
                 *off,
                 *len,
@@ -530,6 +550,92 @@ mod tests {
         let mut expected = vec![0u8; 16 << 20];
         src.read_at(&mut expected, 0).unwrap();
         assert!(t.contents() == expected, "target differs from the source");
+    }
+
+    /// A memory device that records which thread wrote which offset, and says whether it takes
+    /// parallel writes.
+    #[derive(Debug)]
+    struct Recording {
+        mem: MemDev,
+        parallel: bool,
+        writes: Mutex<Vec<(u64, std::thread::ThreadId)>>,
+    }
+
+    impl BlockDev for Recording {
+        fn capabilities(&self) -> crate::block::Capabilities {
+            self.mem.capabilities()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            let me = std::thread::current().id();
+            self.writes.lock().unwrap().push((offset, me));
+            self.mem.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<()> {
+            self.mem.flush()
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+            self.mem.write_zeroes(offset, len, flags)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.mem.discard(offset, len)
+        }
+        fn extent(&self, offset: u64, len: u64) -> Result<crate::block::Extent> {
+            self.mem.extent(offset, len)
+        }
+        fn parallel_writes(&self) -> bool {
+            self.parallel
+        }
+        fn info(&self) -> Result<crate::info::NodeInfo> {
+            self.mem.info()
+        }
+    }
+
+    /// Converts 32 MiB of numbered chunks into a [`Recording`] target with 4 threads; returns
+    /// the target after checking that its contents equal the source.
+    fn convert_into_recording(parallel: bool) -> Arc<Recording> {
+        let src: Arc<dyn BlockDev> = Arc::new(MemDev::new(32 << 20));
+        for i in 0..32u8 {
+            src.write_at(&[i + 1; 1 << 20], u64::from(i) << 20).unwrap();
+        }
+        let t = Arc::new(Recording {
+            mem: MemDev::new(32 << 20),
+            parallel,
+            writes: Mutex::new(Vec::new()),
+        });
+        let target: Arc<dyn BlockDev> = t.clone();
+        let opts = ConvertOptions {
+            threads: 4,
+            ..Default::default()
+        };
+        convert(&[src.clone()], &target, &opts).unwrap();
+        let mut expected = vec![0u8; 32 << 20];
+        src.read_at(&mut expected, 0).unwrap();
+        assert!(
+            t.mem.contents() == expected,
+            "target differs from the source"
+        );
+        t
+    }
+
+    #[test]
+    fn one_writer_writes_in_order() {
+        let t = convert_into_recording(false);
+        let writes = t.writes.lock().unwrap();
+        assert_eq!(writes.len(), 32);
+        assert!(writes.windows(2).all(|w| w[0].0 < w[1].0), "{writes:?}");
+        assert!(writes.iter().all(|w| w.1 == writes[0].1), "{writes:?}");
+    }
+
+    #[test]
+    fn parallel_writes_come_from_the_workers() {
+        let t = convert_into_recording(true);
+        let writes = t.writes.lock().unwrap();
+        let me = std::thread::current().id();
+        assert_eq!(writes.len(), 32);
+        assert!(writes.iter().all(|w| w.1 != me), "{writes:?}");
     }
 
     #[test]

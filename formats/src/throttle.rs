@@ -134,6 +134,9 @@ impl BlockDev for Throttled {
     fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
         self.inner.extent(offset, len)
     }
+    fn parallel_writes(&self) -> bool {
+        self.inner.parallel_writes()
+    }
     fn compressed_cluster_size(&self) -> Option<u64> {
         self.inner.compressed_cluster_size()
     }

@@ -283,6 +283,10 @@ impl BlockDev for Luks {
         check_range(&self.path, offset, len, self.size)
     }
 
+    fn parallel_writes(&self) -> bool {
+        true
+    }
+
     fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(&self.path, offset, len, self.size)?;
         Ok(Extent {
