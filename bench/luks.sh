@@ -6,12 +6,12 @@
 # Both tools copy SIZE MiB of random data into an existing LUKS1 image (`convert -n` with
 # --target-image-opts: the write) and out of it into a raw file (the read). Key derivation is
 # timed separately, on a 1 MiB image with the same header settings, and subtracted, so the MiB/s
-# columns are the data path alone. Each time is the best of $REPEAT runs (default 3).
+# columns are the data path alone. Each time is the best of $REPEAT runs (default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
 VDISK=${CARGO_TARGET_DIR:-$PWD/target}/release/vdisk
-REPEAT=${REPEAT:-3}
+REPEAT=${REPEAT:-5}
 SIZE=${1:-512}
 work=$(mktemp -d /var/tmp/vdisk-luks.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -23,28 +23,35 @@ qemu-img create -q -f luks "${OBJ[@]}" -o key-secret=s0,iter-time=200 "$work/img
 qemu-img create -q -f luks "${OBJ[@]}" -o key-secret=s0,iter-time=200 "$work/small.luks" 1M
 opts() { echo "driver=luks,key-secret=s0,file.filename=$1"; }
 
-# best TOOL ARGS...: best wall time in seconds of $REPEAT runs.
-best() {
-  local b=""
-  for _ in $(seq "$REPEAT"); do
-    rm -f "$work/out.raw"
-    local t0 t1
-    t0=$(date +%s%N)
-    "$@" >/dev/null
-    t1=$(date +%s%N)
-    local t=$((t1 - t0))
-    if [ -z "$b" ] || [ "$t" -lt "$b" ]; then b=$t; fi
-  done
-  awk -v ns="$b" 'BEGIN { printf "%.3f", ns / 1e9 }'
+# once ARGS...: flushes dirty pages (so one run's writeback does not land in the next one's time),
+# runs ARGS; prints the wall time in nanoseconds.
+once() {
+  rm -f "$work/out.raw"
+  sync
+  local t0 t1
+  t0=$(date +%s%N)
+  "$@" >/dev/null
+  t1=$(date +%s%N)
+  echo $((t1 - t0))
 }
 
+# Each measurement: the best of $REPEAT runs, qemu-img and vdisk runs alternating so that drift
+# of the machine (page cache, host memory) hits both alike.
 declare -A T
-for tool in qemu-img "$VDISK"; do
-  name=$(basename "$tool")
-  T[$name.kdf]=$(best "$tool" convert -n "${OBJ[@]}" -f raw "$work/small.raw" --target-image-opts "$(opts "$work/small.luks")")
-  T[$name.write]=$(best "$tool" convert -n "${OBJ[@]}" -f raw "$work/src.raw" --target-image-opts "$(opts "$work/img.luks")")
-  T[$name.read]=$(best "$tool" convert "${OBJ[@]}" --image-opts "$(opts "$work/img.luks")" -O raw "$work/out.raw")
+for _ in $(seq "$REPEAT"); do
+  for tool in qemu-img "$VDISK"; do
+    name=$(basename "$tool")
+    for op in kdf write read; do
+      case $op in
+        kdf) t=$(once "$tool" convert -n "${OBJ[@]}" -f raw "$work/small.raw" --target-image-opts "$(opts "$work/small.luks")") ;;
+        write) t=$(once "$tool" convert -n "${OBJ[@]}" -f raw "$work/src.raw" --target-image-opts "$(opts "$work/img.luks")") ;;
+        read) t=$(once "$tool" convert "${OBJ[@]}" --image-opts "$(opts "$work/img.luks")" -O raw "$work/out.raw") ;;
+      esac
+      if [ -z "${T[$name.$op]:-}" ] || [ "$t" -lt "${T[$name.$op]}" ]; then T[$name.$op]=$t; fi
+    done
+  done
 done
+for k in "${!T[@]}"; do T[$k]=$(awk -v ns="${T[$k]}" 'BEGIN { printf "%.3f", ns / 1e9 }'); done
 # The last runs were vdisk's: its read must give back the source, and qemu-img must read vdisk's
 # write as the source too.
 cmp -s "$work/out.raw" "$work/src.raw" || { echo "vdisk read back other data" >&2; exit 1; }
