@@ -122,6 +122,8 @@ fn reading_commands(image: &str, out: &str) -> Vec<Vec<String>> {
         v(&["measure", "-O", "qcow2", image]),
         v(&["bench", "-c", "1", image]),
         v(&["resize", image, "+64K"]),
+        v(&["bitmap", "--add", image, "b0"]),
+        v(&["amend", "-o", "size=128K", image]),
     ]
 }
 
@@ -261,7 +263,8 @@ fn refuse_refuses_an_external_data_file() {
 }
 
 /// Commands that open each image of a chain without its backing file (map, measure, resize's
-/// look at the current size) open the external data file under the policy too.
+/// look at the current size, snapshot) open the external data file under the policy too, as do
+/// bitmap and amend.
 #[test]
 fn images_opened_without_their_backing_file_obey_the_policy_for_the_data_file() {
     let dir = temp_dir();
@@ -272,6 +275,10 @@ fn images_opened_without_their_backing_file_obey_the_policy_for_the_data_file() 
         vec!["map", "--output=json", image_s],
         vec!["measure", "-O", "qcow2", image_s],
         vec!["resize", image_s, "128K"],
+        vec!["snapshot", "-l", image_s],
+        vec!["snapshot", "-c", "s1", image_s],
+        vec!["bitmap", "--add", image_s, "b0"],
+        vec!["amend", "-o", "size=128K", image_s],
     ] {
         let out = vdisk_env(Some("refuse"), &args);
         assert_ne!(out.code, Some(0), "{args:?}: {out:#?}");

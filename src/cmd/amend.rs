@@ -123,6 +123,11 @@ pub fn run(args: Args) -> Result<()> {
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
         );
     }
+    if new_size.is_some_and(|s| s != info.virtual_size) {
+        // Resizing opens the chain, under the backing policy: a refusal comes before anything
+        // is changed, and names the image.
+        image.open_as(format, true, false)?;
+    }
     if changes != HeaderChanges::default() {
         rewrite_header(&image.path, &changes).map_err(|e| anyhow!(describe(&e)))?;
     }
@@ -130,14 +135,14 @@ pub fn run(args: Args) -> Result<()> {
         change_refcount_width(&image.path, order).map_err(|e| anyhow!(describe(&e)))?;
     }
     if let Some(size) = new_size.filter(|&s| s != info.virtual_size) {
-        vdisk_formats::resize(
-            &image.path,
-            Some(format),
-            size,
-            true,
-            vdisk_formats::Preallocation::Off,
-        )
-        .map_err(|e| anyhow!(describe(&e)))?;
+        let opts = vdisk_formats::ResizeOptions {
+            format: Some(format),
+            shrink: true,
+            preallocation: vdisk_formats::Preallocation::Off,
+            backing_policy: crate::backing_policy::get(),
+        };
+        vdisk_formats::resize_image(&image.path, size, opts, image.secret.as_ref())
+            .map_err(|e| anyhow!(describe(&e)))?;
     }
     Ok(())
 }

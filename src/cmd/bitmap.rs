@@ -145,9 +145,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     let image = args.image.image(file)?;
     let format = image.format_or_probe(false)?;
+    let policy = crate::backing_policy::get();
     let img = match format {
         Format::Qcow2 => Some(
-            Qcow2::open_secret(&image.path, false, image.secret.as_ref())
+            Qcow2::open_chain(&image.path, false, policy, image.secret.as_ref())
                 .map_err(|e| image.open_error(&e))?,
         ),
         // Other formats open, but have no bitmaps and cannot store any.
@@ -217,7 +218,9 @@ fn source_bits(img: &Qcow2, source: &str, args: &Args) -> Result<DirtyBitmap> {
         src.open(true, false)?;
         return Err(not_found());
     }
-    let src_img = Qcow2::open(&src.path, true).map_err(|e| src.open_error(&e))?;
+    let policy = crate::backing_policy::get();
+    let src_img =
+        Qcow2::open_chain(&src.path, true, policy, None).map_err(|e| src.open_error(&e))?;
     src_img
         .bitmap_bits(source)
         .map_err(|e| anyhow!(describe(&e)))

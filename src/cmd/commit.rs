@@ -88,14 +88,14 @@ pub fn run(args: Args) -> Result<()> {
         None => vdisk_formats::probe(&base.path).map_err(|e| anyhow!(describe(&e)))?,
     };
     if base.info.virtual_size < top.size() {
-        vdisk_formats::resize(
-            &base.path,
-            Some(base_format),
-            top.size(),
-            false,
-            vdisk_formats::Preallocation::Off,
-        )
-        .map_err(|e| anyhow!(describe(&e)))?;
+        let opts = vdisk_formats::ResizeOptions {
+            format: Some(base_format),
+            shrink: false,
+            preallocation: vdisk_formats::Preallocation::Off,
+            backing_policy: crate::backing_policy::get(),
+        };
+        vdisk_formats::resize_image(&base.path, top.size(), opts, None)
+            .map_err(|e| anyhow!(describe(&e)))?;
     }
     let base_dev = ImageRef::file(&base.path.display().to_string(), Some(base_format.name()))
         .open(false, false)?;

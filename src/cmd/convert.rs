@@ -324,7 +324,8 @@ pub fn run(args: Args) -> Result<()> {
 /// granularities, enabled state and bits (qemu-img's `convert_copy_bitmaps`: the bitmaps in the
 /// order QEMU keeps them, newest first, which stores them in the source's order).
 fn copy_bitmaps(source: &Qcow2, target_name: &str) -> Result<()> {
-    let target = Qcow2::open(target_name.as_ref(), false)
+    let policy = crate::backing_policy::get();
+    let target = Qcow2::open_alone(target_name.as_ref(), false, policy, None)
         .map_err(|e| anyhow!("Could not open '{target_name}': {}", describe(&e)))?;
     for b in source.bitmap_infos().iter().rev() {
         let name = &b.name;
@@ -458,7 +459,8 @@ fn check_bitmaps(
         bail!("Source lacks bitmap support");
     }
     // Only the header and the bitmaps are needed: the backing file stays closed.
-    let source = Qcow2::open_with_secret(&image.path, true, None, image.secret.as_ref())
+    let policy = crate::backing_policy::get();
+    let source = Qcow2::open_alone(&image.path, true, policy, image.secret.as_ref())
         .map_err(|e| image.could_not_open(describe(&e)))?;
     if source.header().version < 3 {
         bail!("Source lacks bitmap support");

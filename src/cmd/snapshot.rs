@@ -115,7 +115,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     // Opened once, as qemu-img does: an encrypted image is unlocked with its secret here (and
     // fails here without it), then changed in place.
-    let img = Qcow2::open_with_secret(&image.path, read_only, None, image.secret.as_ref())
+    let policy = crate::backing_policy::get();
+    let img = Qcow2::open_alone(&image.path, read_only, policy, image.secret.as_ref())
         .map_err(|e| image.open_error(&e))?;
     let failed = |e: vdisk_formats::Error| anyhow!(describe(&e));
     match action {
@@ -126,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         Action::Create(name) => snapshot::create_in(&img, name)
             .map(drop)
             .map_err(|e| anyhow!("Could not create snapshot '{name}': {}", failed(e))),
-        Action::Apply(name) => snapshot::apply_in(img, name, image.secret.as_ref())
+        Action::Apply(name) => snapshot::apply_in(img, name, image.secret.as_ref(), policy)
             .map_err(|e| anyhow!("Could not apply snapshot '{name}': {}", failed(e))),
         Action::Delete(name) => snapshot::delete_in(&img, name)
             .map_err(|e| anyhow!("Could not delete snapshot '{name}': {}", failed(e))),

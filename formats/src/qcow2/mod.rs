@@ -188,7 +188,18 @@ impl Qcow2 {
     /// [`Qcow2::open`], with the passphrase of an encrypted image (see
     /// [`Qcow2::open_with_secret`]).
     pub fn open_secret(path: &Path, read_only: bool, secret: Option<&Passphrase>) -> Result<Self> {
-        let mut ctx = ChainCtx::default();
+        Self::open_chain(path, read_only, Default::default(), secret)
+    }
+
+    /// [`Qcow2::open_secret`] with the backing chain and external data file opened only as
+    /// `policy` allows.
+    pub fn open_chain(
+        path: &Path,
+        read_only: bool,
+        policy: chain::BackingPolicy,
+        secret: Option<&Passphrase>,
+    ) -> Result<Self> {
+        let mut ctx = ChainCtx::new(policy);
         ctx.enter(path)?;
         Self::open_with_secret(path, read_only, Some(&mut ctx), secret)
     }

@@ -31,6 +31,7 @@ use super::compressed::Descriptor;
 use super::entry::{COMPRESSED, COPIED, OFFSET_MASK};
 use super::header::{Header, MAX_L1_BYTES};
 use super::{Meta, Qcow2};
+use crate::chain::BackingPolicy;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
 use crate::luks::Passphrase;
@@ -64,12 +65,23 @@ pub fn create_in(img: &Qcow2, name: &str) -> Result<SnapshotInfo> {
 /// Reverts the image to a snapshot, found by id and else by name (`qemu-img snapshot -a`).
 /// A snapshot taken at another virtual size resizes the image to that size first.
 pub fn apply(path: &Path, id_or_name: &str) -> Result<()> {
-    apply_in(Qcow2::open_with(path, false, None)?, id_or_name, None)
+    let policy = BackingPolicy::default();
+    apply_in(
+        Qcow2::open_with(path, false, None)?,
+        id_or_name,
+        None,
+        policy,
+    )
 }
 
 /// [`apply`] in an image already open for writing; `secret` unlocks an encrypted one again for
-/// the resize a snapshot of another size needs.
-pub fn apply_in(img: Qcow2, id_or_name: &str, secret: Option<&Passphrase>) -> Result<()> {
+/// the resize a snapshot of another size needs, which opens the backing chain under `policy`.
+pub fn apply_in(
+    img: Qcow2,
+    id_or_name: &str,
+    secret: Option<&Passphrase>,
+    policy: BackingPolicy,
+) -> Result<()> {
     let disk_size = {
         let meta = img.meta.lock().unwrap();
         let table = img.read_snapshot_table(&meta.header)?;
@@ -80,8 +92,9 @@ pub fn apply_in(img: Qcow2, id_or_name: &str, secret: Option<&Passphrase>) -> Re
     let img = if disk_size != img.geo.size {
         let path = img.path().to_path_buf();
         drop(img);
-        super::resize_with_secret(&path, disk_size, true, crate::Preallocation::Off, secret)?;
-        Qcow2::open_with_secret(&path, false, None, secret)?
+        let prealloc = crate::Preallocation::Off;
+        super::resize_under(&path, disk_size, true, prealloc, secret, policy)?;
+        Qcow2::open_alone(&path, false, policy, secret)?
     } else {
         img
     };
