@@ -6,14 +6,24 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
+
+/// Writes at least this long first reserve their range with `fallocate` (keeping the file size).
+/// ext4 then maps the range in one go instead of reserving each 4 KiB block as a delayed
+/// allocation inside `write`: 256 MiB written in 1 MiB pieces into a new file took 31 ms instead
+/// of 52 (256 KiB pieces: 36 against 49; 64 KiB pieces gain nothing, so smaller writes skip it,
+/// and rewriting allocated blocks costs the same either way).
+const RESERVE_MIN: usize = 256 << 10;
 
 /// A host file opened by a driver.
 #[derive(Debug)]
 pub struct HostFile {
     file: File,
     path: PathBuf,
+    /// `fallocate` failed as unsupported (a block device, some file systems): stop asking.
+    no_reserve: AtomicBool,
 }
 
 /// Result of asking the file system where data starts.
@@ -50,6 +60,7 @@ impl HostFile {
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
+            no_reserve: AtomicBool::new(false),
         })
     }
 
@@ -65,6 +76,7 @@ impl HostFile {
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
+            no_reserve: AtomicBool::new(false),
         })
     }
 
@@ -109,6 +121,15 @@ impl HostFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if buf.len() >= RESERVE_MIN && !self.no_reserve.load(Ordering::Relaxed) {
+            // Only a speed-up: when it fails, the write below allocates (or reports ENOSPC).
+            let keep_size = libc::FALLOC_FL_KEEP_SIZE;
+            if let Err(e) = self.fallocate(keep_size, offset, buf.len() as u64) {
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    self.no_reserve.store(true, Ordering::Relaxed);
+                }
+            }
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(&self.path, format!("write error at offset {offset:#x}"), e))
@@ -291,4 +312,30 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_write_reserves_only_its_own_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = HostFile::create(&path).unwrap();
+        f.write_at(&vec![7u8; 1 << 20], 4 << 20).unwrap();
+        assert_eq!(f.len().unwrap(), 5 << 20);
+        assert_eq!(f.data_or_hole(0, 5 << 20).unwrap(), HoleRun::Hole(4 << 20));
+        assert_eq!(
+            f.data_or_hole(4 << 20, 1 << 20).unwrap(),
+            HoleRun::Data(1 << 20)
+        );
+        let mut back = vec![0u8; 5 << 20];
+        f.read_at(&mut back, 0).unwrap();
+        assert!(back[..4 << 20].iter().all(|&b| b == 0));
+        assert!(back[4 << 20..].iter().all(|&b| b == 7));
+        // Nothing is allocated past the end of the file, nor in the hole before the data.
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
+        assert_eq!(blocks * 512, 1 << 20);
+    }
 }
