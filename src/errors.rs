@@ -145,6 +145,7 @@ pub fn describe(err: &Error) -> String {
             let why = why.strip_prefix(&prefix).unwrap_or(&why);
             format!("Could not open backing file: {why}")
         }
+        Error::During { what, source } => format!("{what}: {}", describe(source)),
         _ => {
             let text = err.to_string();
             match file_of(err) {

@@ -278,7 +278,12 @@ fn plan(
             let mut at = off;
             while zero && at < end {
                 // Ask past the chunk: a long hole becomes one job instead of one per chunk.
-                let e = dev.extent(at, size - at)?;
+                let e = dev.extent(at, size - at).map_err(|e| {
+                    e.during(format!(
+                        "error while reading block status at offset {}",
+                        base + at
+                    ))
+                })?;
                 zero = e.kind != ExtentKind::Data;
                 at += e.length;
                 if zero && at > end && !opts.skip_identical {
@@ -371,7 +376,7 @@ fn work(
     let mut data = pool.take(job.len as usize);
     if let Err(e) = read_source(&sources[job.source], &mut data, job.src_offset, opts) {
         pool.give(data);
-        return Err(e);
+        return Err(e.during(format!("error while reading at byte {}", job.offset)));
     }
 
     if opts.compress {
@@ -467,18 +472,16 @@ fn write_pieces(target: &Arc<dyn BlockDev>, pool: &BufPool, done: &mut Done) -> 
 
 fn write_all(target: &Arc<dyn BlockDev>, pieces: &[Piece], buf: &[u8]) -> Result<()> {
     for p in pieces {
-        match p {
-            Piece::Data(off, range) => target.write_at(&buf[range.clone()], *off)?,
-            Piece::Zero(off, len) => target.write_zeroes(
-                *off,
-                *len,
-                ZeroFlags {
-                    may_unmap: true,
-                    fast_only: false,
-                },
-            )?,
-            Piece::Compressed(off, c) => target.write_compressed(*off, c)?,
-        }
+        let flags = ZeroFlags {
+            may_unmap: true,
+            fast_only: false,
+        };
+        let (off, written) = match p {
+            Piece::Data(off, range) => (off, target.write_at(&buf[range.clone()], *off)),
+            Piece::Zero(off, len) => (off, target.write_zeroes(*off, *len, flags)),
+            Piece::Compressed(off, c) => (off, target.write_compressed(*off, c)),
+        };
+        written.map_err(|e| e.during(format!("error while writing at byte {off}")))?;
     }
     Ok(())
 }

@@ -72,6 +72,14 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// What the operation was doing when `source` happened, as qemu-img says it ("error while
+    /// writing at byte 1048576").
+    #[error("{what}: {source}")]
+    During {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -86,7 +94,7 @@ impl Error {
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
             Error::NoSpace { .. } => ErrorKind::NoSpace,
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            Error::Backing { source, .. } => source.kind(),
+            Error::Backing { source, .. } | Error::During { source, .. } => source.kind(),
         }
     }
 
@@ -100,7 +108,7 @@ impl Error {
             Error::Unsupported { .. } => libc::ENOTSUP,
             Error::InvalidArgument { .. } => libc::EINVAL,
             Error::InvalidImage { .. } | Error::Corrupt { .. } => libc::EIO,
-            Error::Backing { source, .. } => source.errno(),
+            Error::Backing { source, .. } | Error::During { source, .. } => source.errno(),
         }
     }
 
@@ -136,5 +144,13 @@ impl Error {
 
     pub(crate) fn argument(what: impl Into<String>) -> Self {
         Error::InvalidArgument { what: what.into() }
+    }
+
+    /// This error, said to have happened while doing `what`.
+    pub(crate) fn during(self, what: impl Into<String>) -> Self {
+        Error::During {
+            what: what.into(),
+            source: Box::new(self),
+        }
     }
 }

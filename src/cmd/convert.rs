@@ -311,7 +311,11 @@ pub fn run(args: Args) -> Result<()> {
         convert(&sources, &target, &opts)
     };
     progress.finish(result.is_ok());
-    result.map_err(|e| anyhow!("error while converting: {}", describe(&e)))?;
+    // Read and write errors say where, as qemu-img's do ("error while writing at byte N: ...").
+    result.map_err(|e| match e {
+        vdisk_formats::Error::During { .. } => anyhow!(describe(&e)),
+        _ => anyhow!("error while converting: {}", describe(&e)),
+    })?;
     if let Some(source) = bitmap_source {
         // The target is closed (its own bitmaps stored) before it is opened for the copy.
         drop(target);
