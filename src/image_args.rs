@@ -522,33 +522,6 @@ pub fn backing_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_opts_name_the_file_and_the_driver() {
-        let r = ImageRef::parse("driver=qcow2,file.filename=a,,b.qcow2", None, true).unwrap();
-        assert_eq!(r.path, Path::new("a,b.qcow2"));
-        assert_eq!(r.format.as_deref(), Some("qcow2"));
-        let err = ImageRef::parse("disk.img", None, true).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "Could not open 'disk.img': Cannot find device='disk.img' nor node-name='disk.img'"
-        );
-        let err = ImageRef::parse("file.filename=x,foo=1", None, true).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "Could not open 'file.filename=x,foo=1': Block format 'raw' does not support the option 'foo'"
-        );
-        let err = ImageRef::parse("driver=raw,file.filename=x", Some("raw"), true).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "--image-opts and --format are mutually exclusive"
-        );
-    }
-}
-
 /// The members of a `json:` file name as dotted option keys (`{"file": {"filename": "x"}}` is
 /// `file.filename=x`), as QEMU flattens them; the error is QEMU's.
 fn json_pairs(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
@@ -585,4 +558,31 @@ fn flatten_json(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_opts_name_the_file_and_the_driver() {
+        let r = ImageRef::parse("driver=qcow2,file.filename=a,,b.qcow2", None, true).unwrap();
+        assert_eq!(r.path, Path::new("a,b.qcow2"));
+        assert_eq!(r.format.as_deref(), Some("qcow2"));
+        let err = ImageRef::parse("disk.img", None, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Could not open 'disk.img': Cannot find device='disk.img' nor node-name='disk.img'"
+        );
+        let err = ImageRef::parse("file.filename=x,foo=1", None, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Could not open 'file.filename=x,foo=1': Block format 'raw' does not support the option 'foo'"
+        );
+        let err = ImageRef::parse("driver=raw,file.filename=x", Some("raw"), true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--image-opts and --format are mutually exclusive"
+        );
+    }
 }

@@ -45,7 +45,7 @@ fn long_holes_zero_exactly_their_range() {
     t.write_at(&vec![0xffu8; 16 << 20], 0).unwrap();
     let target: Arc<dyn BlockDev> = t.clone();
     convert(
-        &[src.clone()],
+        std::slice::from_ref(&src),
         &target,
         &ConvertOptions {
             target_is_zero: false,
@@ -116,7 +116,7 @@ fn convert_into_recording(parallel: bool) -> Arc<Recording> {
         threads: 4,
         ..Default::default()
     };
-    convert(&[src.clone()], &target, &opts).unwrap();
+    convert(std::slice::from_ref(&src), &target, &opts).unwrap();
     let mut expected = vec![0u8; 32 << 20];
     src.read_at(&mut expected, 0).unwrap();
     assert!(

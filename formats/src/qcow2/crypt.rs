@@ -209,10 +209,10 @@ pub(super) struct Crypt {
 #[derive(Debug)]
 enum Keying {
     /// Unlocked with the passphrase: data can be read and written.
-    Unlocked(LuksVolume),
+    Unlocked(Box<LuksVolume>),
     /// Opened for its metadata only (`info` without a passphrase, QEMU's `BDRV_O_NO_IO`): every
     /// access to encrypted data fails.
-    Locked(LuksMetadata),
+    Locked(Box<LuksMetadata>),
 }
 
 /// Held for the length of a write to an encrypted image (see the module docs).
@@ -254,14 +254,14 @@ impl Crypt {
         let io: Arc<dyn HeaderIo> = Arc::new(HeaderArea::new(file.clone(), area));
         let volume = LuksVolume::open(io, passphrase)?;
         check_sector_size(file.path(), volume.sector_size())?;
-        Ok(Crypt::new(file, area, Keying::Unlocked(volume)))
+        Ok(Crypt::new(file, area, Keying::Unlocked(Box::new(volume))))
     }
 
     /// Reads the LUKS header in `area` of `file` for its metadata only, with no passphrase.
     pub fn locked(file: &Arc<HostFile>, area: CryptoArea) -> Result<Crypt> {
         let meta = LuksMetadata::read(&HeaderArea::new(file.clone(), area))?;
         check_sector_size(file.path(), meta.sector_size())?;
-        Ok(Crypt::new(file, area, Keying::Locked(meta)))
+        Ok(Crypt::new(file, area, Keying::Locked(Box::new(meta))))
     }
 
     /// The unlocked volume; an image opened for its metadata only has none.

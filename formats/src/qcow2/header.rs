@@ -242,7 +242,7 @@ impl Header {
                     "{name} offset {off:#x} is not aligned to the cluster size {cs}"
                 )));
             }
-            let end = off.checked_add(bytes).unwrap_or(u64::MAX);
+            let end = off.saturating_add(bytes);
             if off >= file_len || (!tail_may_be_missing && end > file_len) {
                 return Err(bad(format!(
                     "{name} at offset {off:#x} ({bytes} bytes) is past the end of the file ({file_len} bytes)"

@@ -140,10 +140,7 @@ fn validate(neg: &Negotiated, h: &RequestHeader) -> Result<(), Refusal> {
         return Ok(());
     }
     let size = neg.export.size();
-    if h.offset
-        .checked_add(h.length)
-        .map_or(true, |end| end > size)
-    {
+    if h.offset.checked_add(h.length).is_none_or(|end| end > size) {
         // "Error values": ENOSPC for writes past the end, EINVAL for reads, trims and the rest.
         let errno = match cmd {
             Command::Write | Command::WriteZeroes => Errno::NoSpc,
