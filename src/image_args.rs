@@ -456,17 +456,30 @@ impl Drop for SnapshotCopy {
     }
 }
 
-/// Gives a new encrypted image the passphrase its `key-secret` option names.
-pub fn resolve_create_secret(opts: CreateOptions, objects: &Objects) -> Result<CreateOptions> {
+/// Gives a new encrypted image (LUKS, or qcow2 with `encrypt.format=luks`) the passphrase its
+/// `key-secret` option names.
+pub fn resolve_create_secret(mut opts: CreateOptions, objects: &Objects) -> Result<CreateOptions> {
+    let (luks, option) = match &mut opts {
+        CreateOptions::Luks(o) => (o, "key-secret"),
+        CreateOptions::Qcow2(q) => match q.encrypt.as_mut() {
+            Some(o) => (o, "encrypt.key-secret"),
+            None => return Ok(opts),
+        },
+        _ => return Ok(opts),
+    };
+    let Some(id) = luks.key_secret.clone() else {
+        bail!("Parameter '{option}' is required for cipher");
+    };
+    luks.passphrase = Some(Passphrase::new(objects.secret(&id)?.to_vec()));
+    Ok(opts)
+}
+
+/// The passphrase [`resolve_create_secret`] gave a new encrypted image, to open it with.
+pub fn create_passphrase(opts: &CreateOptions) -> Option<Passphrase> {
     match opts {
-        CreateOptions::Luks(mut o) => {
-            let Some(id) = o.key_secret.clone() else {
-                bail!("Parameter 'key-secret' is required for cipher");
-            };
-            o.passphrase = Some(Passphrase::new(objects.secret(&id)?.to_vec()));
-            Ok(CreateOptions::Luks(o))
-        }
-        other => Ok(other),
+        CreateOptions::Luks(o) => o.passphrase.clone(),
+        CreateOptions::Qcow2(q) => q.encrypt.as_ref().and_then(|o| o.passphrase.clone()),
+        _ => None,
     }
 }
 

@@ -241,6 +241,9 @@ const CASES: &[Case] = &[
     // --- LUKS, with secrets from --object ----------------------------------------------------------
     Case { args: &["create", "-f", "luks", "--object", "secret,id=s0,data=pw", "-o", "key-secret=s0,iter-time=10", "l.luks", "4M"], ..C },
     Case { args: &["create", "-f", "luks", "-o", "key-secret=s0", "l.luks", "4M"], ..C },
+    Case { args: &["create", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "out.qcow2", "4M"], post: &[OUT_ENC_CHECK], ..C },
+    Case { args: &["create", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.iter-time=10", "out.qcow2", "4M"], ..C },
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "raw.img", "out.qcow2"], post: &[OUT_ENC_IS_RAW_IMG, OUT_ENC_CHECK], ..C },
     Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "out.raw"], outputs: &["out.raw"], ..C },
     Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], ..C },
     Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], stdout: Out::Json, ..C },
@@ -442,6 +445,23 @@ const ENC_QCOW2_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=
 const ENC_OVERLAY: &str = "driver=qcow2,file.filename=encov.qcow2,backing.encrypt.key-secret=s0";
 /// The same as a json: file name with the backing file spelled out, as qemu-img takes it.
 const ENC_OVERLAY_JSON: &str = r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "encov.qcow2"}, "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "enc.qcow2"}, "encrypt": {"key-secret": "s0"}}}"#;
+/// out.qcow2, encrypted by the case with the secret s0.
+const OUT_ENC_IMAGE: &str = "driver=qcow2,encrypt.key-secret=s0,file.filename=out.qcow2";
+const OUT_ENC_CHECK: &[&str] = &[
+    "check",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    OUT_ENC_IMAGE,
+];
+const OUT_ENC_IS_RAW_IMG: &[&str] = &[
+    "compare",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    OUT_ENC_IMAGE,
+    "driver=raw,file.filename=raw.img",
+];
 const ENC_CHECK: &[&str] = &[
     "check",
     "--object",

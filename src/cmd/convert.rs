@@ -11,7 +11,8 @@ use vdisk_formats::{BlockDev, CreateOptions, Format};
 
 use crate::errors::describe;
 use crate::image_args::{
-    check_cache_mode, parse_target_format, resolve_create_secret, ImageRef, SnapshotCopy,
+    check_cache_mode, create_passphrase, parse_target_format, resolve_create_secret, ImageRef,
+    SnapshotCopy,
 };
 use crate::numbers::{cvtnum, parse_int_in, parse_size_arg};
 use crate::objects::Objects;
@@ -428,10 +429,7 @@ fn create_target(
         other => other,
     };
     let opts = resolve_create_secret(opts, objects)?;
-    let secret = match &opts {
-        CreateOptions::Luks(o) => o.passphrase.clone(),
-        _ => None,
-    };
+    let secret = create_passphrase(&opts);
     vdisk_formats::create(name.as_ref(), &opts).map_err(|e| failed(describe(&e)))?;
     let mut image = ImageRef::file(name, Some(format.name()));
     image.secret = secret;
