@@ -244,6 +244,16 @@ const CASES: &[Case] = &[
     Case { args: &["create", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "out.qcow2", "4M"], post: &[OUT_ENC_CHECK], ..C },
     Case { args: &["create", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.iter-time=10", "out.qcow2", "4M"], ..C },
     Case { args: &["convert", "--object", "secret,id=s0,data=pw", "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "raw.img", "out.qcow2"], post: &[OUT_ENC_IS_RAW_IMG, OUT_ENC_CHECK], ..C },
+    // A new LUKS image does not read as zero: the zero ranges of q.qcow2 are written too.
+    Case { args: &["convert", "--object", "secret,id=s0,data=pw", "-O", "luks", "-o", "key-secret=s0,iter-time=10", "q.qcow2", "out.luks"], post: &[OUT_LUKS_IS_Q_QCOW2], ..C },
+    // --- key slots: amend of LUKS and of qcow2 with encrypt.format=luks ------------------------------
+    Case { args: &["amend", "--object", "secret,id=s0,data=pw", "--object", "secret,id=s1,data=pw2", "--image-opts", LUKS_IMAGE, "-o", "state=active,new-secret=s1,iter-time=10"], post: &[LUKS_S1_IS_RAW_IMG], ..C },
+    Case { args: &["amend", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "-o", "state=inactive,old-secret=s0"], post: &[LUKS_IS_RAW_IMG], ..C },
+    Case { args: &["amend", "--object", "secret,id=s0,data=pw", "-f", "luks", "l.luks", "-o", "state=inactive,old-secret=s0"], ..C },
+    Case { args: &["amend", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "-o", "cipher-alg=aes-128"], ..C },
+    Case { args: &["amend", "-f", "luks", "-o", "help", "l.luks"], ..C },
+    Case { args: &["amend", "-f", "qcow2", "-o", "help", "q.qcow2"], ..C },
+    Case { args: &["amend", "--object", "secret,id=s0,data=pw", "--object", "secret,id=s1,data=pw2", "--image-opts", ENC_QCOW2_IMAGE, "-o", "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10"], post: &[ENC_S1_IS_RAW_IMG], ..C },
     Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "out.raw"], outputs: &["out.raw"], ..C },
     Case { args: &["compare", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "driver=raw,file.filename=raw.img"], ..C },
     Case { args: &["map", "--output=json", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE], stdout: Out::Json, ..C },
@@ -484,6 +494,30 @@ const ENC_IS_RAW_IMG: &[&str] = &[
     "--image-opts",
     ENC_QCOW2_IMAGE,
     "driver=raw,file.filename=raw.img",
+];
+const LUKS_S1_IS_RAW_IMG: &[&str] = &[
+    "compare",
+    "--object",
+    "secret,id=s1,data=pw2",
+    "--image-opts",
+    "driver=luks,key-secret=s1,file.filename=l.luks",
+    "driver=raw,file.filename=raw.img",
+];
+const ENC_S1_IS_RAW_IMG: &[&str] = &[
+    "compare",
+    "--object",
+    "secret,id=s1,data=pw2",
+    "--image-opts",
+    "driver=qcow2,encrypt.key-secret=s1,file.filename=enc.qcow2",
+    "driver=raw,file.filename=raw.img",
+];
+const OUT_LUKS_IS_Q_QCOW2: &[&str] = &[
+    "compare",
+    "--object",
+    "secret,id=s0,data=pw",
+    "--image-opts",
+    "driver=luks,key-secret=s0,file.filename=out.luks",
+    "driver=qcow2,file.filename=q.qcow2",
 ];
 const LUKS_IS_RAW_IMG: &[&str] = &[
     "compare",

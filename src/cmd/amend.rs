@@ -1,26 +1,40 @@
-//! `vdisk amend`: change format options of an existing qcow2 image.
+//! `vdisk amend`: change format options of an existing qcow2 image, or the key slots of an
+//! encrypted one (LUKS, or qcow2 with `encrypt.format=luks`).
 
 use anyhow::{anyhow, bail, Result};
-use vdisk_formats::image::create_options_help;
-use vdisk_formats::qcow2::amend::{rewrite_header, HeaderChanges};
+use vdisk_formats::image::{create_options_help, OptionDesc};
+use vdisk_formats::luks::{self, Luks, LuksAmend};
+use vdisk_formats::qcow2::amend::{
+    amend_options_help, is_keyslot_option, known_amend_options, rewrite_header, HeaderChanges,
+};
 use vdisk_formats::qcow2::refcount_width::change_refcount_width;
-use vdisk_formats::{Format, FormatSpecific};
+use vdisk_formats::{Format, FormatSpecific, Passphrase};
 
 use crate::errors::{describe, UsageError};
-use crate::image_args::{check_cache_mode, ImageOpts};
+use crate::image_args::{check_cache_mode, ImageOpts, ImageRef};
+use crate::objects::Objects;
 use crate::options::{self, Typed};
 
 /// Update format-specific options of an image.
 ///
-/// qcow2 images can change their compatibility level (compat=0.10 or 1.1), lazy refcounts and
-/// virtual size (size=). Options that fix the layout (cluster_size, extended_l2 ...) can only be
-/// chosen at creation; to change the backing file use `rebase`.
+/// qcow2 images can change their compatibility level (compat=0.10 or 1.1), lazy refcounts,
+/// refcount width and virtual size (size=). Options that fix the layout (cluster_size,
+/// extended_l2 ...) can only be chosen at creation; to change the backing file use `rebase`.
+///
+/// Encrypted images (LUKS, and qcow2 with `encrypt.` before each option) add, change and remove
+/// passphrases: state=active with new-secret= fills a free key slot (or keyslot=N),
+/// state=inactive with old-secret= (or keyslot=N) erases the slots that match. Removing the last
+/// passphrase needs --force. The image's own secret is given with --image-opts.
 ///
 /// Examples:
 ///
 ///   vdisk amend -o compat=1.1 old.qcow2
 ///
 ///   vdisk amend -o lazy_refcounts=on disk.qcow2
+///
+///   vdisk amend --object secret,id=s0,file=old.txt --object secret,id=s1,file=new.txt \
+///     --image-opts driver=luks,key-secret=s0,file.filename=disk.luks \
+///     -o state=active,new-secret=s1
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -67,13 +81,16 @@ pub fn run(args: Args) -> Result<()> {
     check_cache_mode(args.cache.as_deref(), "")?;
     let image = args.image.image(file)?;
     let format = image.format_or_probe(false)?;
+    if format == Format::Luks {
+        return amend_luks(&args, &image, &list);
+    }
     if format != Format::Qcow2 {
         bail!("Format driver '{format}' does not support option amendment");
     }
     if list.help {
-        return crate::cmd::create::print_help(format, true);
+        return print_amend_help(format, &amend_options_help());
     }
-    let checked = options::check_types(&list.pairs, create_options_help(format))?;
+    let checked = options::check_types(&list.pairs, &known_amend_options())?;
     let dev = image.open_as(format, true, true)?;
     let info = dev.info().map_err(|e| anyhow!(describe(&e)))?;
     drop(dev);
@@ -84,6 +101,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut changes = HeaderChanges::default();
     let mut new_size = None;
     let mut refcount_order = None;
+    let mut keyslots = Vec::new();
     for o in &checked {
         match (o.name.as_str(), &o.typed) {
             ("compat", _) => {
@@ -101,6 +119,7 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 refcount_order = Some(n.trailing_zeros());
             }
+            (name, _) if is_keyslot_option(name) => keyslots.push((o.name.clone(), o.text.clone())),
             ("backing_file" | "backing_fmt", _) => {
                 bail!("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
             }
@@ -123,6 +142,18 @@ pub fn run(args: Args) -> Result<()> {
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
         );
     }
+    if !keyslots.is_empty() {
+        let objects = Objects::parse(&args.image.object)?;
+        let amend = vdisk_formats::qcow2::amend_pairs(&keyslots, &mut resolver(&objects))
+            .map_err(|e| anyhow!(describe(&e)))?;
+        let Some(secret) = &image.secret else {
+            return Err(
+                image.could_not_open("Parameter 'encrypt.key-secret' is required for cipher")
+            );
+        };
+        vdisk_formats::qcow2::amend_encryption(&image.path, secret, &amend, args.force)
+            .map_err(|e| anyhow!(describe(&e)))?;
+    }
     if new_size.is_some_and(|s| s != info.virtual_size) {
         // Resizing opens the chain, under the backing policy: a refusal comes before anything
         // is changed, and names the image.
@@ -143,6 +174,58 @@ pub fn run(args: Args) -> Result<()> {
         };
         vdisk_formats::resize_image(&image.path, size, opts, image.secret.as_ref())
             .map_err(|e| anyhow!(describe(&e)))?;
+    }
+    Ok(())
+}
+
+/// `amend` of a LUKS image: its key slots.
+fn amend_luks(args: &Args, image: &ImageRef, list: &options::OptionList) -> Result<()> {
+    if list.help {
+        return print_amend_help(Format::Luks, luks::amend_options_help());
+    }
+    let known: Vec<OptionDesc> = luks::amend_options_help()
+        .iter()
+        .chain(create_options_help(Format::Luks))
+        .copied()
+        .collect();
+    let checked = options::check_types(&list.pairs, &known)?;
+    let mut pairs = Vec::new();
+    for o in &checked {
+        if !luks::amend_options_help().iter().any(|a| a.name == o.name) {
+            bail!(
+                "Invalid parameter '{}'\nThis option is only supported for image creation",
+                o.name
+            );
+        }
+        pairs.push((o.name.clone(), o.text.clone()));
+    }
+    let objects = Objects::parse(&args.image.object)?;
+    let amend = LuksAmend::from_pairs(&pairs, &mut resolver(&objects))
+        .map_err(|e| anyhow!(describe(&e)))?;
+    let Some(secret) = &image.secret else {
+        return Err(image.could_not_open("Parameter 'key-secret' is required for cipher"));
+    };
+    let img = Luks::open(&image.path, false, secret).map_err(|e| image.open_error(&e))?;
+    img.amend(&amend, args.force)
+        .map_err(|e| anyhow!(describe(&e)))?;
+    vdisk_formats::BlockDev::flush(&img).map_err(|e| anyhow!(describe(&e)))
+}
+
+/// Looks up the secrets `new-secret=` and `old-secret=` name.
+fn resolver(objects: &Objects) -> impl FnMut(&str) -> vdisk_formats::Result<Passphrase> + '_ {
+    |id| match objects.secret(id) {
+        Ok(bytes) => Ok(Passphrase::new(bytes.to_vec())),
+        Err(e) => Err(vdisk_formats::Error::InvalidArgument {
+            what: format!("{e:#}"),
+        }),
+    }
+}
+
+/// `-o help`, as qemu-img's amend prints it.
+fn print_amend_help(format: Format, known: &[OptionDesc]) -> Result<()> {
+    println!("Amend options for '{format}':");
+    for line in options::help_lines(known) {
+        println!("{line}");
     }
     Ok(())
 }

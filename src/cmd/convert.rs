@@ -289,10 +289,13 @@ pub fn run(args: Args) -> Result<()> {
         sparse_size,
         threads,
         out_of_order: args.out_of_order,
+        // A new image reads as zero unless it has a backing file, or is LUKS: its payload is
+        // the file's zero bytes decrypted, which is noise (QEMU's crypto driver has no zero
+        // init either), so zero ranges are written as encrypted zeros.
         target_is_zero: if args.no_create {
             args.target_is_zero
         } else {
-            args.backing.is_none()
+            args.backing.is_none() && target_format != Format::Luks
         },
         skip_identical: args.backing.is_some(),
         salvage: args.salvage,

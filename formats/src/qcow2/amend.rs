@@ -9,6 +9,7 @@ use super::Qcow2;
 use crate::block::{BlockDev, ExtentKind};
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
+use crate::image::OptionDesc;
 
 /// What to change; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,4 +147,62 @@ fn expand_zero_clusters(path: &Path, has_backing: bool) -> Result<()> {
         off += e.length;
     }
     img.flush()
+}
+
+/// The key slot options of an encrypted image's `amend`, besides `encrypt.iter-time` (which
+/// creation has too).
+const KEYSLOT_OPTIONS: &[OptionDesc] = &[
+    OptionDesc {
+        name: "encrypt.keyslot",
+        kind: "num",
+        help: "Select a single keyslot to modify explicitly",
+    },
+    OptionDesc {
+        name: "encrypt.new-secret",
+        kind: "str",
+        help: "New secret to set in the matching keyslots. Empty string to erase",
+    },
+    OptionDesc {
+        name: "encrypt.old-secret",
+        kind: "str",
+        help: "Select all keyslots that match this password",
+    },
+    OptionDesc {
+        name: "encrypt.state",
+        kind: "str",
+        help: "Select new state of affected keyslots (active/inactive)",
+    },
+];
+
+/// The creation options an existing image can change with `amend`.
+const CHANGEABLE: &[&str] = &[
+    "backing_file",
+    "backing_fmt",
+    "compat",
+    "data_file",
+    "data_file_raw",
+    "encrypt.iter-time",
+    "lazy_refcounts",
+    "refcount_bits",
+    "size",
+];
+
+/// The `-o` options `amend` takes for a qcow2 image, as qemu-img lists them: the creation options
+/// an existing image can change, and the key slot options of an encrypted one.
+pub fn amend_options_help() -> Vec<OptionDesc> {
+    let create = crate::image::create_options_help(crate::Format::Qcow2);
+    let changeable = create.iter().filter(|o| CHANGEABLE.contains(&o.name));
+    changeable.chain(KEYSLOT_OPTIONS).copied().collect()
+}
+
+/// Every `-o` option `amend` knows for a qcow2 image: the creation options (most of which it
+/// refuses to change, naming them) and the key slot options.
+pub fn known_amend_options() -> Vec<OptionDesc> {
+    let create = crate::image::create_options_help(crate::Format::Qcow2);
+    create.iter().chain(KEYSLOT_OPTIONS).copied().collect()
+}
+
+/// Whether `name` is an option of [`crate::luks::LuksAmend`] (with the `encrypt.` prefix).
+pub fn is_keyslot_option(name: &str) -> bool {
+    name == "encrypt.iter-time" || KEYSLOT_OPTIONS.iter().any(|o| o.name == name)
 }
