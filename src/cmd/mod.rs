@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bitmap;
 pub mod boot;
 pub mod check;
+mod check_luks2;
 pub mod commit;
 pub mod compare;
 pub mod connect;
