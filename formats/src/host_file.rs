@@ -91,10 +91,7 @@ impl HostFile {
     /// Current length of the file.
     #[allow(clippy::len_without_is_empty)] // a file's emptiness is never the question
     pub fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(&self.path, "cannot stat file", e))
+        file_len(&self.file).map_err(|e| Error::io(&self.path, "cannot stat file", e))
     }
 
     /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zero.
@@ -136,8 +133,24 @@ impl HostFile {
             .map_err(|e| Error::io(&self.path, format!("write error at offset {offset:#x}"), e))
     }
 
-    /// Sets the file length.
+    /// Sets the file length. A block device keeps its size, as with QEMU's `host_device`:
+    /// shrinking it does nothing (what lies past the new end is simply unused) and growing it
+    /// past its size fails.
     pub fn set_len(&self, len: u64) -> Result<()> {
+        let is_device = self.file.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_block_device()
+        });
+        if is_device {
+            let size = self.len()?;
+            if len > size {
+                return Err(Error::NoSpace {
+                    path: self.path.clone(),
+                    what: "Cannot grow device files".to_string(),
+                });
+            }
+            return Ok(());
+        }
         self.file
             .set_len(len)
             .map_err(|e| Error::io(&self.path, format!("cannot truncate to {len} bytes"), e))
@@ -302,6 +315,19 @@ impl HostFile {
         }
         Ok(true)
     }
+}
+
+/// The length of an open file; for a block device its size, which `metadata` reports as 0.
+pub fn file_len(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // This moves the file position, which nothing uses: all I/O is positional.
+        let mut f = file;
+        return f.seek(io::SeekFrom::End(0));
+    }
+    Ok(meta.len())
 }
 
 fn to_off(v: u64) -> io::Result<libc::off_t> {

@@ -2,7 +2,7 @@
 //! output identical to qemu-img's.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -191,9 +191,16 @@ pub fn file_node(path: &Path, file: &File) -> Result<NodeInfo> {
         .map_err(|e| Error::io(path, "cannot stat file", e))?;
     Ok(NodeInfo {
         filename: path.display().to_string(),
-        format: "file".to_string(),
+        // QEMU's protocol driver for block devices is `host_device`.
+        format: if meta.file_type().is_block_device() {
+            "host_device".to_string()
+        } else {
+            "file".to_string()
+        },
         // QEMU reports a file's length in whole 512-byte sectors.
-        virtual_size: meta.len().next_multiple_of(512),
+        virtual_size: crate::host_file::file_len(file)
+            .map_err(|e| Error::io(path, "cannot stat file", e))?
+            .next_multiple_of(512),
         actual_size: Some(meta.blocks() * 512),
         cluster_size: None,
         dirty_flag: false,

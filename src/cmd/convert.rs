@@ -378,7 +378,7 @@ fn copy_offloaded(
     if source.format_or_probe(true)? != Format::Raw {
         return Ok(false);
     }
-    let len = std::fs::metadata(&source.path)?.len();
+    let len = vdisk_formats::host_file::file_len(&std::fs::File::open(&source.path)?)?;
     vdisk_formats::raw::copy_offloaded(&source.path, target_name.as_ref(), &|done| {
         report(done, len)
     })
