@@ -142,6 +142,11 @@ pub fn run(args: Args) -> Result<()> {
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
         );
     }
+    if new_size.is_some_and(|s| s != info.virtual_size) {
+        // Resizing opens the chain, under the backing policy: a refusal comes before anything
+        // is changed, and names the image.
+        image.open_as(format, true, false)?;
+    }
     if !keyslots.is_empty() {
         let objects = Objects::parse(&args.image.object)?;
         let amend = vdisk_formats::qcow2::amend_pairs(&keyslots, &mut resolver(&objects))
@@ -153,11 +158,6 @@ pub fn run(args: Args) -> Result<()> {
         };
         vdisk_formats::qcow2::amend_encryption(&image.path, secret, &amend, args.force)
             .map_err(|e| anyhow!(describe(&e)))?;
-    }
-    if new_size.is_some_and(|s| s != info.virtual_size) {
-        // Resizing opens the chain, under the backing policy: a refusal comes before anything
-        // is changed, and names the image.
-        image.open_as(format, true, false)?;
     }
     if changes != HeaderChanges::default() {
         rewrite_header(&image.path, &changes).map_err(|e| anyhow!(describe(&e)))?;
