@@ -252,6 +252,7 @@ const CASES: &[Case] = &[
     Case { args: &["amend", "--object", "secret,id=s0,data=pw", "-f", "luks", "l.luks", "-o", "state=inactive,old-secret=s0"], ..C },
     Case { args: &["amend", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "-o", "cipher-alg=aes-128"], ..C },
     Case { args: &["amend", "-f", "luks", "-o", "help", "l.luks"], ..C },
+    Case { args: &["amend", "--object", "secret,id=s1,data=pw2", "-o", "encrypt.state=active,encrypt.new-secret=s1", "q.qcow2"], ..C },
     Case { args: &["amend", "-f", "qcow2", "-o", "help", "q.qcow2"], ..C },
     Case { args: &["amend", "--object", "secret,id=s0,data=pw", "--object", "secret,id=s1,data=pw2", "--image-opts", ENC_QCOW2_IMAGE, "-o", "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10"], post: &[ENC_S1_IS_RAW_IMG], ..C },
     Case { args: &["convert", "--object", "secret,id=s0,data=pw", "--image-opts", LUKS_IMAGE, "out.raw"], outputs: &["out.raw"], ..C },

@@ -148,6 +148,9 @@ pub fn run(args: Args) -> Result<()> {
         image.open_as(format, true, false)?;
     }
     if !keyslots.is_empty() {
+        if info.encrypted != Some(true) {
+            bail!("Can't amend encryption options - encryption not present");
+        }
         let objects = Objects::parse(&args.image.object)?;
         let amend = vdisk_formats::qcow2::amend_pairs(&keyslots, &mut resolver(&objects))
             .map_err(|e| anyhow!(describe(&e)))?;
