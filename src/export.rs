@@ -158,30 +158,48 @@ impl ImageArgs {
     /// (`--image-opts ...,key-secret=ID`).
     pub fn open(&self, file: &str, objects: &Objects) -> Result<Opened> {
         let policy = self.policy()?;
+        if self.image_opts && self.format.is_some() {
+            // qemu-nbd's wording (qemu-img says --format).
+            bail!("--image-opts and -f are mutually exclusive");
+        }
         let image =
             ImageRef::parse(file, self.format.as_deref(), self.image_opts)?.with_secret(objects)?;
         // -l exports the snapshot read-only, as qemu-nbd does.
         let read_only = self.read_only || self.load_snapshot.is_some();
-        let dev = if let Some(spec) = &self.load_snapshot {
+        let dev = self.open_device(&image, read_only).map_err(|e| {
+            // qemu-nbd words a failed open "Failed to blk_new_open 'X': ..." where qemu-img
+            // says "Could not open 'X': ...".
+            let text = format!("{e:#}");
+            let ours = format!("Could not open '{}': ", image.display);
+            match text.strip_prefix(&ours) {
+                Some(why) => anyhow!("Failed to blk_new_open '{}': {why}", image.display),
+                None => e,
+            }
+        })?;
+        Ok(Opened {
+            dev: Tuned::wrap(dev, policy)?,
+            path: image.path,
+            read_only,
+        })
+    }
+
+    /// The device `open` exports, before the policy wraps it.
+    fn open_device(&self, image: &ImageRef, read_only: bool) -> Result<Arc<dyn BlockDev>> {
+        Ok(if let Some(spec) = &self.load_snapshot {
             if self.snapshot {
                 bail!("-s and -l cannot be used together");
             }
             // A reverted copy of the image, unlinked as soon as it is open: nothing is left
             // behind however the process ends.
-            let copy = SnapshotCopy::new(&image, spec)?;
+            let copy = SnapshotCopy::new(image, spec)?;
             copy.image.open(true, false)?
         } else {
             let format = image.format_or_probe(read_only)?;
             if self.snapshot {
-                open_overlay(&image, format, read_only)?
+                open_overlay(image, format, read_only)?
             } else {
                 image.open_as(format, read_only, false)?
             }
-        };
-        Ok(Opened {
-            dev: Tuned::wrap(dev, policy)?,
-            path: image.path,
-            read_only,
         })
     }
 }

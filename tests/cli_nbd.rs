@@ -923,3 +923,30 @@ fn load_snapshot_exports_an_internal_snapshot_read_only() {
         out.stderr
     );
 }
+
+/// Command lines qemu-nbd refuses before serving: the link named qemu-nbd refuses them with the
+/// same exit status and message.
+#[test]
+fn refused_command_lines_read_as_qemu_nbds() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let dir = temp_dir();
+    let img = raw_image(dir.path(), "r.img", "1M");
+    let img = img.to_str().unwrap();
+    let sock = dir.path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let opts = format!("driver=raw,file.filename={img}");
+    let link = vdisk_as_qemu_nbd(dir.path());
+    for args in [
+        vec!["--image-opts", "-f", "raw", "-k", sock, &opts],
+        vec!["-k", sock, "--cache=bogus", img],
+        vec!["-k", sock, "-f", "nosuch", img],
+        vec!["-k", sock, dir.path().join("missing.img").to_str().unwrap()],
+    ] {
+        let theirs = run(Command::new("qemu-nbd").args(&args));
+        let ours = run(Command::new(&link).args(&args));
+        assert_eq!(ours.code, theirs.code, "{args:?}: {ours:#?} {theirs:#?}");
+        assert_eq!(ours.stderr.trim_end(), theirs.stderr.trim_end(), "{args:?}");
+    }
+}
