@@ -153,7 +153,10 @@ pub fn run(args: Args) -> Result<()> {
 fn check(server: &ServerArgs, image: &ImageArgs, objects: &Objects) -> Result<Option<TlsConfig>> {
     image.policy()?;
     if let Some(name) = server.bitmap.first() {
-        bail!("Bitmap '{name}' is not found: vdisk does not support dirty bitmaps");
+        bail!(
+            "Bitmap '{name}' cannot be exported: vdisk serve has no qemu:dirty-bitmap context \
+             (`vdisk bitmap` and `vdisk convert --bitmaps` work with dirty bitmaps)"
+        );
     }
     if server.selinux_label.is_some() {
         bail!("SELinux support not enabled in this binary");
