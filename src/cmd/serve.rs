@@ -10,6 +10,7 @@ use vdisk_nbd::{Export, Listener, Server, TlsConfig};
 
 use crate::daemon::{self, Event, Stderr};
 use crate::export::ImageArgs;
+use crate::image_args::ImageRef;
 use crate::numbers::parse_int;
 use crate::objects::{Endpoint, Objects};
 
@@ -150,9 +151,17 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Checks the options shared by every mode; returns the TLS configuration, if any.
-fn check(server: &ServerArgs, image: &ImageArgs, objects: &Objects) -> Result<Option<TlsConfig>> {
+fn check(
+    server: &ServerArgs,
+    image: &ImageArgs,
+    file: &str,
+    objects: &Objects,
+) -> Result<Option<TlsConfig>> {
     image.policy()?;
     if let Some(name) = server.bitmap.first() {
+        if !has_bitmap(image, file, name) {
+            bail!("Bitmap '{name}' is not found");
+        }
         bail!(
             "Bitmap '{name}' cannot be exported: vdisk serve has no qemu:dirty-bitmap context \
              (`vdisk bitmap` and `vdisk convert --bitmaps` work with dirty bitmaps)"
@@ -277,7 +286,7 @@ impl Address {
 /// without -b.
 pub fn serve(server: &ServerArgs, image: &ImageArgs, file: &str, default_bind: &str) -> Result<()> {
     let objects = Objects::parse(&image.object)?;
-    let tls = check(server, image, &objects)?;
+    let tls = check(server, image, file, &objects)?;
     let max_connections = shared_limit(server)?;
     let limit = handshake_limit(server)?;
     let address = Address::from_args(server, default_bind)?;
@@ -346,7 +355,7 @@ pub fn serve(server: &ServerArgs, image: &ImageArgs, file: &str, default_bind: &
 /// `vdisk serve --fuse TARGET`: the image as a regular file until a signal or an unmount.
 fn serve_fuse(server: &ServerArgs, image: &ImageArgs, file: &str, target: &Path) -> Result<()> {
     let objects = Objects::parse(&image.object)?;
-    check(server, image, &objects)?;
+    check(server, image, file, &objects)?;
     let target = std::path::absolute(target)?;
     let background = server.fork.then(daemon::fork).transpose()?;
     let (tx, events) = daemon::termination_events()?;
@@ -391,4 +400,18 @@ fn serve_fuse(server: &ServerArgs, image: &ImageArgs, file: &str, target: &Path)
             .flush()
             .map_err(|e| anyhow!("Failed to flush '{}': {e}", opened.path.display())),
     )
+}
+
+/// Whether the qcow2 image `file` has a persistent dirty bitmap called `name`.
+fn has_bitmap(image: &ImageArgs, file: &str, name: &str) -> bool {
+    let Ok(image) = ImageRef::parse(file, image.format.as_deref(), image.image_opts) else {
+        return false;
+    };
+    let info = vdisk_formats::describe(&image.path, None);
+    match info.ok().and_then(|i| i.format_specific) {
+        Some(vdisk_formats::FormatSpecific::Qcow2(q)) => {
+            q.bitmaps.unwrap_or_default().iter().any(|b| b.name == name)
+        }
+        _ => false,
+    }
 }
