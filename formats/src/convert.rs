@@ -218,6 +218,7 @@ pub fn convert(
                     if result.is_ok() {
                         result = Err(e);
                     }
+                    give_back(&mut pending, &token_tx);
                     continue;
                 }
             };
@@ -238,6 +239,7 @@ pub fn convert(
                 if let Err(e) = write_pieces(target, &pool, &mut d) {
                     failed.store(true, Ordering::Relaxed);
                     result = Err(e);
+                    give_back(&mut pending, &token_tx);
                     break;
                 }
                 let so_far = done_bytes.fetch_add(d.len, Ordering::Relaxed) + d.len;
@@ -254,6 +256,15 @@ pub fn convert(
         target.flush()?;
     }
     Ok(())
+}
+
+/// After a failure, the chunks waiting for their turn will never be written: drops them and
+/// gives their tokens back, so that the planner (which may be waiting for a token) sees the
+/// failure and stops, and the workers and this loop end with it.
+fn give_back(pending: &mut BTreeMap<u64, Done>, tokens: &mpsc::SyncSender<()>) {
+    for _ in std::mem::take(pending) {
+        let _ = tokens.send(());
+    }
 }
 
 /// Walks the sources and sends one job per chunk.

@@ -154,3 +154,61 @@ fn write_errors_are_reported() {
     let err = convert(&[a], &target, &ConvertOptions::default()).unwrap_err();
     assert!(err.to_string().contains("injected"), "{err}");
 }
+
+/// A memory device whose reads of the first MiB take a while, so later chunks finish first.
+#[derive(Debug)]
+struct SlowStart(MemDev);
+
+impl BlockDev for SlowStart {
+    fn capabilities(&self) -> crate::block::Capabilities {
+        self.0.capabilities()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if offset < 1 << 20 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.0.write_zeroes(offset, len, flags)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn extent(&self, offset: u64, len: u64) -> Result<crate::block::Extent> {
+        self.0.extent(offset, len)
+    }
+    fn info(&self) -> Result<crate::info::NodeInfo> {
+        self.0.info()
+    }
+}
+
+/// The first chunk's write fails while later chunks wait for their turn: the error comes back
+/// (the chunks waiting used to keep every token, and the planner waited for one forever).
+#[test]
+fn a_write_error_with_chunks_waiting_ends_the_copy() {
+    let src = SlowStart(MemDev::new(16 << 20));
+    src.write_at(&vec![1u8; 16 << 20], 0).unwrap();
+    let src: Arc<dyn BlockDev> = Arc::new(src);
+    let t = Arc::new(MemDev::new(16 << 20));
+    t.fail_write_after(0);
+    let target: Arc<dyn BlockDev> = t.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(convert(&[src], &target, &ConvertOptions::default()));
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("convert hung after a write error");
+    let err = result.unwrap_err();
+    assert!(
+        err.to_string().contains("error while writing at byte 0"),
+        "{err}"
+    );
+}
