@@ -188,10 +188,18 @@ pub fn convert(
                     Ok(j) => j,
                     Err(_) => return,
                 };
-                if failed.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let mut r = work(sources, target, opts, cluster, pool, job);
+                // After a failure the job is skipped, but still answered: every job holds a
+                // token, and only an answer gives it back.
+                let mut r = if failed.load(Ordering::Relaxed) {
+                    Ok(Done {
+                        seq: job.seq,
+                        len: 0,
+                        pieces: Vec::new(),
+                        buf: Vec::new(),
+                    })
+                } else {
+                    work(sources, target, opts, cluster, pool, job)
+                };
                 if workers_write {
                     r = r.and_then(|mut d| write_pieces(target, pool, &mut d).map(|()| d));
                 }
