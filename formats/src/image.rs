@@ -523,38 +523,6 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     }
 }
 
-/// Changes the virtual size of an image (`resize`). Shrinking needs `shrink`; new space is
-/// allocated as `prealloc` says.
-pub fn resize(
-    path: &Path,
-    format: Option<Format>,
-    new_size: u64,
-    shrink: bool,
-    prealloc: Preallocation,
-) -> Result<()> {
-    resize_with_secret(path, format, new_size, shrink, prealloc, None)
-}
-
-/// [`resize`] of an image that may be encrypted, with its passphrase (LUKS and qcow2 with
-/// `encrypt.format=luks` need one, as in qemu-img). As in QEMU, preallocated new space of an
-/// encrypted qcow2 image reads as noise (the zeros stored there are decrypted).
-pub fn resize_with_secret(
-    path: &Path,
-    format: Option<Format>,
-    new_size: u64,
-    shrink: bool,
-    prealloc: Preallocation,
-    secret: Option<&Passphrase>,
-) -> Result<()> {
-    let opts = ResizeOptions {
-        format,
-        shrink,
-        preallocation: prealloc,
-        backing_policy: BackingPolicy::Follow,
-    };
-    resize_image(path, new_size, opts, secret)
-}
-
 /// How [`resize_image`] changes an image.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ResizeOptions {
@@ -569,9 +537,11 @@ pub struct ResizeOptions {
     pub backing_policy: BackingPolicy,
 }
 
-/// Changes the virtual size of an image to `new_size` as `opts` says (see
-/// [`resize_with_secret`]); a qcow2 image that names a file the backing policy refuses is
-/// refused before anything changes.
+/// Changes the virtual size of an image (`resize`) to `new_size` as `opts` says. An encrypted
+/// image (LUKS, qcow2 with `encrypt.format=luks`) needs its passphrase in `secret`, as in
+/// qemu-img; as in QEMU, preallocated new space of an encrypted qcow2 image reads as noise (the
+/// zeros stored there are decrypted). A qcow2 image that names a file the backing policy refuses
+/// is refused before anything changes.
 pub fn resize_image(
     path: &Path,
     new_size: u64,

@@ -30,7 +30,7 @@ pub use block::{BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 pub use chain::BackingPolicy;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    create, describe, open, open_with_secret, open_with_secrets, probe, resize, resize_image,
+    create, describe, open, open_with_secret, open_with_secrets, probe, resize_image,
     CreateOptions, Format, OpenOptions, Preallocation, ResizeOptions,
 };
 pub use info::{

@@ -798,14 +798,12 @@ fn resizing_needs_the_passphrase_and_keeps_the_data() {
     drop(dev);
     let pw = Passphrase::from(PW);
     let resize = |new: u64, shrink: bool, secret: Option<&Passphrase>| {
-        vdisk_formats::image::resize_with_secret(
-            &path,
-            Some(Format::Qcow2),
-            new,
+        let opts = vdisk_formats::ResizeOptions {
+            format: Some(Format::Qcow2),
             shrink,
-            vdisk_formats::Preallocation::Off,
-            secret,
-        )
+            ..Default::default()
+        };
+        vdisk_formats::resize_image(&path, new, opts, secret)
     };
     let err = resize(2 << 20, false, None).unwrap_err();
     assert!(err.to_string().contains("encrypt.key-secret"), "{err}");

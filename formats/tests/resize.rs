@@ -11,7 +11,24 @@ fn text(args: &[&str]) -> String {
     String::from_utf8_lossy(&tool(args)).into_owned()
 }
 
-use vdisk_formats::{open, resize, Format, OpenOptions, Preallocation};
+use vdisk_formats::{open, Format, OpenOptions, Preallocation, ResizeOptions};
+
+/// `resize_image` under QEMU's backing policy, with no passphrase.
+fn resize(
+    path: &Path,
+    format: Option<Format>,
+    new_size: u64,
+    shrink: bool,
+    preallocation: Preallocation,
+) -> vdisk_formats::Result<()> {
+    let opts = ResizeOptions {
+        format,
+        shrink,
+        preallocation,
+        ..Default::default()
+    };
+    vdisk_formats::resize_image(path, new_size, opts, None)
+}
 
 fn virtual_size(img: &Path) -> u64 {
     let info = text(&["qemu-img", "info", "--output=json", img.to_str().unwrap()]);

@@ -59,7 +59,7 @@ pub use make_empty::make_empty;
 use mapping::Mapping;
 use overlap::MetadataClusters;
 use refcount::Refcounts;
-pub use resize::{resize, resize_under, resize_with_secret};
+pub use resize::resize_under;
 
 use crate::block::{check_range, BlockDev, Capabilities, Extent, ExtentKind, ZeroFlags};
 use crate::chain::{self, ChainCtx};

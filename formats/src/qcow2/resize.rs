@@ -17,30 +17,9 @@ use crate::error::{Error, Result};
 use crate::luks::Passphrase;
 use crate::Preallocation;
 
-/// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink`.
-pub fn resize(path: &Path, new_size: u64, shrink: bool, prealloc: Preallocation) -> Result<()> {
-    resize_with_secret(path, new_size, shrink, prealloc, None)
-}
-
-/// [`resize`] with the passphrase of an encrypted image (`encrypt.format=luks`).
-pub fn resize_with_secret(
-    path: &Path,
-    new_size: u64,
-    shrink: bool,
-    prealloc: Preallocation,
-    secret: Option<&Passphrase>,
-) -> Result<()> {
-    resize_under(
-        path,
-        new_size,
-        shrink,
-        prealloc,
-        secret,
-        BackingPolicy::Follow,
-    )
-}
-
-/// [`resize_with_secret`] with the image's backing chain opened under `policy`.
+/// Resizes the qcow2 image at `path` to `new_size` bytes (shrinking needs `shrink`), with the
+/// passphrase of an encrypted image (`encrypt.format=luks`) and the image's backing chain opened
+/// under `policy`.
 pub fn resize_under(
     path: &Path,
     new_size: u64,
