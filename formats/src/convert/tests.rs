@@ -58,20 +58,36 @@ fn long_holes_zero_exactly_their_range() {
     assert!(t.contents() == expected, "target differs from the source");
 }
 
-/// A memory device that records which thread wrote which offset, and says whether it takes
-/// parallel writes.
+/// A memory device for watching the engine: it records which thread wrote which offset, says
+/// whether it takes parallel writes, and with `slow_start` takes a while to read its first MiB
+/// (so that later chunks finish first).
 #[derive(Debug)]
-struct Recording {
+struct Probe {
     mem: MemDev,
     parallel: bool,
+    slow_start: bool,
     writes: Mutex<Vec<(u64, std::thread::ThreadId)>>,
 }
 
-impl BlockDev for Recording {
+impl Probe {
+    fn new(size: usize) -> Probe {
+        Probe {
+            mem: MemDev::new(size),
+            parallel: false,
+            slow_start: false,
+            writes: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl BlockDev for Probe {
     fn capabilities(&self) -> crate::block::Capabilities {
         self.mem.capabilities()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.slow_start && offset < 1 << 20 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
         self.mem.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -99,17 +115,16 @@ impl BlockDev for Recording {
     }
 }
 
-/// Converts 32 MiB of numbered chunks into a [`Recording`] target with 4 threads; returns
+/// Converts 32 MiB of numbered chunks into a [`Probe`] target with 4 threads; returns
 /// the target after checking that its contents equal the source.
-fn convert_into_recording(parallel: bool) -> Arc<Recording> {
+fn convert_into_probe(parallel: bool) -> Arc<Probe> {
     let src: Arc<dyn BlockDev> = Arc::new(MemDev::new(32 << 20));
     for i in 0..32u8 {
         src.write_at(&[i + 1; 1 << 20], u64::from(i) << 20).unwrap();
     }
-    let t = Arc::new(Recording {
-        mem: MemDev::new(32 << 20),
+    let t = Arc::new(Probe {
         parallel,
-        writes: Mutex::new(Vec::new()),
+        ..Probe::new(32 << 20)
     });
     let target: Arc<dyn BlockDev> = t.clone();
     let opts = ConvertOptions {
@@ -128,7 +143,7 @@ fn convert_into_recording(parallel: bool) -> Arc<Recording> {
 
 #[test]
 fn one_writer_writes_in_order() {
-    let t = convert_into_recording(false);
+    let t = convert_into_probe(false);
     let writes = t.writes.lock().unwrap();
     assert_eq!(writes.len(), 32);
     assert!(writes.windows(2).all(|w| w[0].0 < w[1].0), "{writes:?}");
@@ -137,7 +152,7 @@ fn one_writer_writes_in_order() {
 
 #[test]
 fn parallel_writes_come_from_the_workers() {
-    let t = convert_into_recording(true);
+    let t = convert_into_probe(true);
     let writes = t.writes.lock().unwrap();
     let me = std::thread::current().id();
     assert_eq!(writes.len(), 32);
@@ -155,45 +170,14 @@ fn write_errors_are_reported() {
     assert!(err.to_string().contains("injected"), "{err}");
 }
 
-/// A memory device whose reads of the first MiB take a while, so later chunks finish first.
-#[derive(Debug)]
-struct SlowStart(MemDev);
-
-impl BlockDev for SlowStart {
-    fn capabilities(&self) -> crate::block::Capabilities {
-        self.0.capabilities()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset < 1 << 20 {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<()> {
-        self.0.flush()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.0.write_zeroes(offset, len, flags)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.0.discard(offset, len)
-    }
-    fn extent(&self, offset: u64, len: u64) -> Result<crate::block::Extent> {
-        self.0.extent(offset, len)
-    }
-    fn info(&self) -> Result<crate::info::NodeInfo> {
-        self.0.info()
-    }
-}
-
 /// The first chunk's write fails while later chunks wait for their turn: the error comes back
 /// (the chunks waiting used to keep every token, and the planner waited for one forever).
 #[test]
 fn a_write_error_with_chunks_waiting_ends_the_copy() {
-    let src = SlowStart(MemDev::new(16 << 20));
+    let src = Probe {
+        slow_start: true,
+        ..Probe::new(16 << 20)
+    };
     src.write_at(&vec![1u8; 16 << 20], 0).unwrap();
     let src: Arc<dyn BlockDev> = Arc::new(src);
     let t = Arc::new(MemDev::new(16 << 20));
